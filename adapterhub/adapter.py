@@ -1,0 +1,327 @@
+"""The Adapter value: kind, typed spec, base-model identity and lazily loaded tensors.
+
+Tensor names are canonical and format-independent: the module path as the adapter's model saw it
+(e.g. ``model.layers.0.self_attn.q_proj``) followed by the parameter role:
+
+=========  =====================================================================================
+kind       parameter names
+=========  =====================================================================================
+lora       ``lora_A`` (r x in), ``lora_B`` (out x r), ``lora_B.bias`` (out), ``lora_magnitude_vector``
+           (DoRA, out), ``lora_embedding_A`` (r x vocab), ``lora_embedding_B`` (dim x r)
+ia3        ``ia3_l``: (out x 1) scales a module's output, (1 x in) a feed-forward module's input
+bottleneck names as the ``adapters`` library writes them with the adapter's own name removed
+prefix     ``prompt_embeddings``: (virtual tokens x layers*2*token_dim), PEFT's layout
+=========  =====================================================================================
+
+Any other tensor (a ``modules_to_save`` copy, a saved embedding layer) is *carried*: kept verbatim
+and written back, never interpreted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from adapterhub.tensorfile import TensorInfo, load_tensor
+
+if TYPE_CHECKING:
+    import torch
+
+Kind = Literal["lora", "ia3", "bottleneck", "prefix"]
+KINDS: tuple[str, ...] = ("lora", "ia3", "bottleneck", "prefix")
+
+LORA_PARAMS = ("lora_A", "lora_B", "lora_B.bias", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
+IA3_PARAMS = ("ia3_l",)
+
+
+def match_pattern_key(pattern_keys: Iterator[str] | list[str], module: str) -> str | None:
+    """Return the first pattern key that matches ``module`` the way PEFT matches them, or None.
+
+    A key matches when it equals the module path or a dot-separated suffix of it; keys are regular
+    expressions (PEFT's ``re.match(rf"(.*\\.)?({key})$", module)``).
+    """
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """What an adapter says about the base model it was trained on."""
+
+    name_or_path: str | None = None
+    revision: str | None = None
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA hyper-parameters; :meth:`scale` is the only place a module's scale is computed."""
+
+    r: int
+    alpha: float
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    target_modules: tuple[str, ...] | str | None = None
+    fan_in_fan_out: bool = False
+    use_dora: bool = False
+    lora_bias: bool = False
+    modules_to_save: tuple[str, ...] = ()
+
+    def rank(self, module: str) -> int:
+        """The rank PEFT gives ``module``: its ``rank_pattern`` entry, else ``r``."""
+        key = match_pattern_key(list(self.rank_pattern), module)
+        return int(self.rank_pattern[key]) if key is not None else self.r
+
+    def alpha_for(self, module: str) -> float:
+        """The alpha PEFT gives ``module``: its ``alpha_pattern`` entry, else ``alpha``."""
+        key = match_pattern_key(list(self.alpha_pattern), module)
+        return float(self.alpha_pattern[key]) if key is not None else float(self.alpha)
+
+    def scale(self, module: str) -> float:
+        """Effective scale of ``module``'s delta: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+        r = self.rank(module)
+        alpha = self.alpha_for(module)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+@dataclass(frozen=True)
+class IA3Spec:
+    """IA3 hyper-parameters: which modules are scaled, and which scale their input."""
+
+    target_modules: tuple[str, ...] | str | None = None
+    feedforward_modules: tuple[str, ...] | str | None = None
+    fan_in_fan_out: bool = False
+    modules_to_save: tuple[str, ...] = ()
+
+    def is_feedforward(self, module: str) -> bool:
+        ff = self.feedforward_modules
+        if ff is None:
+            return False
+        if isinstance(ff, str):
+            return re.fullmatch(ff, module) is not None
+        return any(module == k or module.endswith("." + k) for k in ff)
+
+
+@dataclass(frozen=True)
+class BottleneckSpec:
+    """A bottleneck adapter module (``adapters`` library ``seq_bn``/``double_seq_bn`` and kin).
+
+    ``config`` is the library's full config dict (reduction factor, placement, layer norms,
+    non-linearity, residual), kept verbatim because it defines the forward computation.
+    """
+
+    architecture: str
+    config: dict[str, Any]
+    hidden_size: int | None = None
+
+    @property
+    def reduction_factor(self) -> Any:
+        return self.config.get("reduction_factor")
+
+
+@dataclass(frozen=True)
+class PrefixSpec:
+    """Prefix tuning: per-layer key/value prefixes of ``num_virtual_tokens`` positions.
+
+    ``width`` is the per-token size, ``num_layers * 2 * token_dim``, with ``token_dim`` =
+    ``num_kv_heads * head_dim`` (GQA-aware, as PEFT counts it). The ``adapters`` library does not
+    record layers and heads, so for its adapters these are None until read against a base.
+    ``layout`` says how the tensors hold the prefix: ``"peft"`` (``prompt_embeddings``, tokens x
+    width), ``"adapters_flat"`` (one flat ``control_trans`` of the same values) or
+    ``"adapters_mlp"`` (an embedding and a two-layer MLP that compute them).
+    """
+
+    num_virtual_tokens: int
+    width: int
+    num_layers: int | None = None
+    num_kv_heads: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int = 1
+    layout: str = "peft"
+
+    @property
+    def head_dim(self) -> int | None:
+        if self.token_dim is None or not self.num_kv_heads:
+            return None
+        return self.token_dim // self.num_kv_heads
+
+
+Spec = LoraSpec | IA3Spec | BottleneckSpec | PrefixSpec
+SPEC_TYPES: dict[str, type] = {"lora": LoraSpec, "ia3": IA3Spec, "bottleneck": BottleneckSpec, "prefix": PrefixSpec}
+
+
+class Tensors(Mapping[str, "torch.Tensor"]):
+    """A read-only name -> tensor mapping whose file-backed entries load only when indexed.
+
+    ``dtype(name)`` and ``shape(name)`` answer from the safetensors header without loading.
+    Indexing the same name twice reads the file twice: hold the tensor if you need it again.
+    """
+
+    def __init__(self, entries: Mapping[str, TensorInfo | torch.Tensor]) -> None:
+        self._entries = dict(entries)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        return load_tensor(entry) if isinstance(entry, TensorInfo) else entry
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        entry = self._entries[name]
+        return entry.shape if isinstance(entry, TensorInfo) else tuple(entry.shape)
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name (``F32``, ``BF16`` ...)."""
+        entry = self._entries[name]
+        if isinstance(entry, TensorInfo):
+            return entry.dtype
+        from adapterhub.dtypes import torch_to_st
+
+        return torch_to_st(entry.dtype)
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.shape(name))
+
+    def nbytes(self, name: str) -> int:
+        entry = self._entries[name]
+        if isinstance(entry, TensorInfo):
+            return entry.nbytes
+        return entry.numel() * entry.element_size()
+
+    def entry(self, name: str) -> TensorInfo | torch.Tensor:
+        """The raw entry: a :class:`TensorInfo` for file-backed tensors, else the tensor."""
+        return self._entries[name]
+
+    def materialize(self) -> dict[str, torch.Tensor]:
+        """Every tensor loaded, as a plain dict."""
+        return {k: self[k] for k in self._entries}
+
+
+def split_name(kind: str, name: str) -> tuple[str, str] | None:
+    """Split a canonical tensor name into (module path, parameter role); None for carried tensors."""
+    params = LORA_PARAMS if kind == "lora" else IA3_PARAMS if kind == "ia3" else ()
+    for p in params:
+        if name.endswith("." + p):
+            return name[: -len(p) - 1], p
+    return None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapter: what it is (kind, spec), what it was trained on (base), and its tensors.
+
+    ``extra`` keeps format-specific configuration verbatim (``{"peft": {...}}`` or
+    ``{"adapters": {...}}``) so that writing back to the same format reproduces it.
+    """
+
+    kind: Kind
+    spec: Spec
+    tensors: Tensors
+    base: BaseModelRef = BaseModelRef()
+    name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
+        if not isinstance(self.spec, SPEC_TYPES[self.kind]):
+            raise TypeError(f"a {self.kind} adapter needs a {SPEC_TYPES[self.kind].__name__}, "
+                            f"not {type(self.spec).__name__}")
+
+    # --- structure ---------------------------------------------------------------------------
+
+    def modules(self) -> list[str]:
+        """Module paths this adapter modifies (LoRA/IA3), in sorted order."""
+        mods = {s[0] for n in self.tensors if (s := split_name(self.kind, n))}
+        return sorted(mods)
+
+    def module_tensors(self, module: str) -> dict[str, str]:
+        """Parameter role -> canonical tensor name for one module."""
+        out = {}
+        for n in self.tensors:
+            s = split_name(self.kind, n)
+            if s and s[0] == module:
+                out[s[1]] = n
+        return out
+
+    def carried(self) -> list[str]:
+        """Tensors kept verbatim (``modules_to_save`` copies, saved embedding layers)."""
+        if self.kind not in ("lora", "ia3"):
+            return []
+        return sorted(n for n in self.tensors if split_name(self.kind, n) is None)
+
+    def lora_rank(self, module: str) -> int:
+        """The rank a LoRA module's tensors actually have."""
+        names = self.module_tensors(module)
+        if "lora_A" in names:
+            return self.tensors.shape(names["lora_A"])[0]
+        return self.tensors.shape(names["lora_embedding_A"])[0]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(self.tensors.numel(n) for n in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.tensors.nbytes(n) for n in self.tensors)
+
+    def replace(self, **changes: Any) -> Adapter:
+        """A copy with some fields changed."""
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+
+def summarize(adapter: Adapter) -> dict[str, Any]:
+    """A JSON-ready description: kind, base, targets, ranks, parameter count and sizes."""
+    t = adapter.tensors
+    out: dict[str, Any] = {
+        "kind": adapter.kind, "name": adapter.name, "source": str(adapter.source) if adapter.source else None,
+        "base": {"name_or_path": adapter.base.name_or_path, "revision": adapter.base.revision,
+                 "fingerprint": adapter.base.fingerprint},
+        "num_tensors": len(t), "num_parameters": adapter.num_parameters, "tensor_bytes": adapter.nbytes,
+        "dtypes": sorted({t.dtype(n) for n in t}),
+    }
+    if adapter.source is not None and Path(adapter.source).is_dir():
+        out["size_on_disk"] = sum(p.stat().st_size for p in Path(adapter.source).iterdir() if p.is_file())
+    spec = adapter.spec
+    if adapter.kind in ("lora", "ia3"):
+        mods = adapter.modules()
+        leaves = sorted({m.rsplit(".", 1)[-1] for m in mods})
+        out["targets"] = {"count": len(mods), "leaf_names": leaves, "modules": mods}
+        out["carried"] = adapter.carried()
+    if isinstance(spec, LoraSpec):
+        ranks: dict[str, int] = {}
+        for m in adapter.modules():
+            ranks[m] = adapter.lora_rank(m)
+        out["lora"] = {
+            "r": spec.r, "alpha": spec.alpha, "use_rslora": spec.use_rslora, "use_dora": spec.use_dora,
+            "rank_pattern": spec.rank_pattern, "alpha_pattern": spec.alpha_pattern,
+            "fan_in_fan_out": spec.fan_in_fan_out,
+            "ranks": sorted(set(ranks.values())),
+            "scales": sorted({spec.scale(m) for m in ranks}),
+        }
+    elif isinstance(spec, IA3Spec):
+        out["ia3"] = {"feedforward_modules": [m for m in adapter.modules() if spec.is_feedforward(m)]}
+    elif isinstance(spec, BottleneckSpec):
+        locations = sorted({n.split(".adapters.")[0] for n in t if ".adapters." in n})
+        out["bottleneck"] = {"architecture": spec.architecture, "hidden_size": spec.hidden_size,
+                             "reduction_factor": spec.reduction_factor,
+                             "non_linearity": spec.config.get("non_linearity"), "locations": locations}
+    elif isinstance(spec, PrefixSpec):
+        out["prefix"] = {"num_virtual_tokens": spec.num_virtual_tokens, "width": spec.width,
+                         "num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads,
+                         "head_dim": spec.head_dim, "layout": spec.layout}
+    return out

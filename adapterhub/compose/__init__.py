@@ -1,0 +1,1 @@
+"""Composition of adapters: compatibility checks first, then blending, stacking and merging."""

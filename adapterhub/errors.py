@@ -1,0 +1,69 @@
+"""Every exception adapterhub raises, under one root.
+
+Each message says what happened, where, and what to do about it. Specific classes also inherit
+the matching standard-library type so that ``except FileNotFoundError`` keeps working.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class AdapterHubError(Exception):
+    """Root of every error raised by adapterhub."""
+
+
+# --- input files ---------------------------------------------------------------------------------
+
+
+class FormatError(AdapterHubError, ValueError):
+    """An adapter or checkpoint directory could not be read or written."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+
+
+class UnknownFormatError(FormatError):
+    """A directory holds no adapter format that adapterhub recognises."""
+
+
+class MissingFileError(FormatError, FileNotFoundError):
+    """A file the format requires is not there."""
+
+
+class CorruptFileError(FormatError):
+    """A weights or config file is truncated, malformed or lies about its own contents."""
+
+
+class PickleRefusedError(FormatError):
+    """A pickle (``.bin``/``.pt``) weights file was found and loading pickles was not allowed."""
+
+
+class UnsupportedAdapterError(FormatError):
+    """The adapter uses a feature adapterhub cannot represent exactly."""
+
+
+# --- base checkpoints ----------------------------------------------------------------------------
+
+
+class BaseCheckpointError(AdapterHubError, ValueError):
+    """A base-model checkpoint directory could not be read."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+
+
+# --- composition ---------------------------------------------------------------------------------
+
+
+class CompatibilityError(AdapterHubError, ValueError):
+    """Adapters and a base (or adapters among themselves) do not fit together.
+
+    ``report`` holds the full :class:`adapterhub.compose.checks.Report`.
+    """
+
+    def __init__(self, message: str, *, report: object | None = None) -> None:
+        super().__init__(message)
+        self.report = report

@@ -1,0 +1,236 @@
+"""PEFT adapter directories (``adapter_config.json`` + ``adapter_model.safetensors``): LoRA, IA3, prefix.
+
+This is the layout PEFT's ``PeftModel.from_pretrained`` and vLLM load. Reading keeps PEFT's config
+verbatim in ``Adapter.extra["peft"]`` so that writing it back reproduces the original.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from adapterhub.adapter import (
+    Adapter,
+    BaseModelRef,
+    IA3Spec,
+    LoraSpec,
+    PrefixSpec,
+    Tensors,
+    split_name,
+)
+from adapterhub.errors import CorruptFileError, FormatError, UnsupportedAdapterError
+from adapterhub.formats._files import atomic_directory, dump_json, load_weights, read_json
+from adapterhub.tensorfile import save_tensors
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin",)
+PREFIX = "base_model.model."
+FINGERPRINT_KEY = "adapterhub.base_fingerprint"
+PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix"}
+
+# PEFT LoRA options that change what the adapter computes in ways this representation cannot hold.
+_UNSUPPORTED_LORA = {
+    "target_parameters": "LoRA on raw nn.Parameters (e.g. MoE experts)",
+    "layer_replication": "layer replication",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "trainable_token_indices": "trainable tokens",
+    "use_qalora": "QA-LoRA input pooling",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+}
+
+
+def is_peft_config(config: dict[str, Any]) -> bool:
+    """True when an ``adapter_config.json`` was written by PEFT (it carries ``peft_type``)."""
+    return "peft_type" in config
+
+
+def _tuple(v: Any) -> tuple[str, ...] | str | None:
+    if v is None or isinstance(v, str):
+        return v
+    return tuple(v)
+
+
+def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
+    """Read a PEFT adapter directory.
+
+    Raises:
+        MissingFileError, CorruptFileError: missing or damaged files.
+        PickleRefusedError: only ``adapter_model.bin`` exists and ``allow_pickle`` is false.
+        UnsupportedAdapterError: a PEFT type or option adapterhub cannot represent exactly.
+    """
+    path = Path(path)
+    config = read_json(path / CONFIG_NAME)
+    peft_type = config.get("peft_type")
+    kind = PEFT_TYPES.get(str(peft_type))
+    if kind is None:
+        raise UnsupportedAdapterError(
+            f"{path}: PEFT type {peft_type!r} is not supported; adapterhub reads "
+            f"{', '.join(PEFT_TYPES)}.", path=path)
+    entries = load_weights(path, WEIGHTS_NAME, PICKLE_NAMES, allow_pickle=allow_pickle)
+    metadata: dict[str, str] = {}
+    if (path / WEIGHTS_NAME).is_file():
+        from adapterhub.tensorfile import read_header
+
+        metadata = read_header(path / WEIGHTS_NAME).metadata
+    try:
+        spec = _spec_from_config(kind, config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptFileError(f"{path / CONFIG_NAME}: invalid {peft_type} config ({e!r}).", path=path) from e
+    tensors = {_to_canonical(kind, k): v for k, v in entries.items()}
+    if len(tensors) != len(entries):
+        raise CorruptFileError(f"{path / WEIGHTS_NAME}: two tensor names map to the same module.", path=path)
+    base = BaseModelRef(
+        name_or_path=config.get("base_model_name_or_path"),
+        revision=config.get("revision"),
+        fingerprint=metadata.get(FINGERPRINT_KEY),
+    )
+    adapter = Adapter(kind=kind, spec=spec, tensors=Tensors(tensors), base=base,
+                      extra={"peft": config}, source=path)
+    _check_pairs(adapter, path)
+    return adapter
+
+
+def _spec_from_config(kind: str, c: dict[str, Any]) -> LoraSpec | IA3Spec | PrefixSpec:
+    if kind == "lora":
+        for key, what in _UNSUPPORTED_LORA.items():
+            if c.get(key):
+                raise UnsupportedAdapterError(
+                    f"this LoRA uses {what} ({key}={c[key]!r}), which adapterhub cannot represent exactly; "
+                    "merge it with PEFT instead.")
+        return LoraSpec(
+            r=int(c["r"]), alpha=c.get("lora_alpha", 8), use_rslora=bool(c.get("use_rslora", False)),
+            rank_pattern=dict(c.get("rank_pattern") or {}), alpha_pattern=dict(c.get("alpha_pattern") or {}),
+            target_modules=_tuple(c.get("target_modules")), fan_in_fan_out=bool(c.get("fan_in_fan_out", False)),
+            use_dora=bool(c.get("use_dora", False)), lora_bias=bool(c.get("lora_bias", False)),
+            modules_to_save=tuple(c.get("modules_to_save") or ()),
+        )
+    if kind == "ia3":
+        return IA3Spec(
+            target_modules=_tuple(c.get("target_modules")), feedforward_modules=_tuple(c.get("feedforward_modules")),
+            fan_in_fan_out=bool(c.get("fan_in_fan_out", False)), modules_to_save=tuple(c.get("modules_to_save") or ()),
+        )
+    return PrefixSpec(
+        num_virtual_tokens=int(c["num_virtual_tokens"]),
+        width=int(c["num_layers"]) * 2 * int(c["token_dim"]), num_layers=int(c["num_layers"]),
+        num_kv_heads=int(c["num_attention_heads"]), token_dim=int(c["token_dim"]),
+        num_transformer_submodules=int(c.get("num_transformer_submodules") or 1), layout="peft",
+    )
+
+
+def _to_canonical(kind: str, key: str) -> str:
+    if kind == "prefix":
+        return key
+    if key.startswith(PREFIX):
+        key = key[len(PREFIX):]
+    for p in ("lora_A", "lora_B", "lora_magnitude_vector"):
+        if key.endswith(f".{p}.weight"):
+            return key[: -len(".weight")]
+    return key
+
+
+def _to_peft(kind: str, name: str) -> str:
+    if kind == "prefix":
+        return name
+    s = split_name(kind, name)
+    if s and s[1] in ("lora_A", "lora_B"):
+        return f"{PREFIX}{name}.weight"
+    return PREFIX + name
+
+
+def _check_pairs(adapter: Adapter, path: Path) -> None:
+    if adapter.kind == "prefix":
+        if "prompt_embeddings" not in adapter.tensors:
+            raise CorruptFileError(f"{path}: a prefix-tuning adapter needs a 'prompt_embeddings' tensor.", path=path)
+        return
+    if adapter.kind != "lora":
+        return
+    for m in adapter.modules():
+        roles = adapter.module_tensors(m)
+        for a, b in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
+            if (a in roles) != (b in roles):
+                have, miss = (a, b) if a in roles else (b, a)
+                raise CorruptFileError(
+                    f"{path}: module '{m}' has {have} but no {miss}.\n  fix: the weights file is incomplete; "
+                    "re-export the adapter.", path=path)
+
+
+def config_for(adapter: Adapter) -> dict[str, Any]:
+    """The PEFT ``adapter_config.json`` content for an adapter (its original one updated from the spec)."""
+    if adapter.kind == "bottleneck":
+        raise UnsupportedAdapterError(
+            "PEFT has no bottleneck adapters; write this adapter in the `adapters` library format instead "
+            "(format='adapters').")
+    if adapter.kind == "prefix" and adapter.spec.layout != "peft":
+        raise UnsupportedAdapterError(
+            f"this prefix-tuning adapter is stored in the `adapters` library's '{adapter.spec.layout}' layout; "
+            "convert it with adapterhub.formats.adapters_lib.prefix_to_peft() (CLI: pass --base) first.")
+    config = dict(adapter.extra.get("peft") or {})
+    peft_type = {v: k for k, v in PEFT_TYPES.items()}[adapter.kind]
+    if config.get("peft_type") != peft_type:
+        config = {}
+    s = adapter.spec
+    config.update({"peft_type": peft_type, "base_model_name_or_path": adapter.base.name_or_path,
+                   "revision": adapter.base.revision})
+    config.setdefault("inference_mode", True)
+    config.setdefault("task_type", None)
+    if adapter.kind == "lora":
+        config.update({
+            "r": s.r, "lora_alpha": s.alpha, "use_rslora": s.use_rslora, "rank_pattern": dict(s.rank_pattern),
+            "alpha_pattern": dict(s.alpha_pattern), "fan_in_fan_out": s.fan_in_fan_out, "use_dora": s.use_dora,
+            "lora_bias": s.lora_bias, "modules_to_save": list(s.modules_to_save) or None,
+            "target_modules": _targets(adapter, s.target_modules),
+        })
+        config.setdefault("bias", "none")
+        config.setdefault("lora_dropout", 0.0)
+        config.setdefault("init_lora_weights", True)
+    elif adapter.kind == "ia3":
+        config.update({
+            "target_modules": _targets(adapter, s.target_modules),
+            "feedforward_modules": _listify(s.feedforward_modules),
+            "fan_in_fan_out": s.fan_in_fan_out, "modules_to_save": list(s.modules_to_save) or None,
+        })
+        config.setdefault("init_ia3_weights", True)
+    else:
+        config.update({
+            "num_virtual_tokens": s.num_virtual_tokens, "num_layers": s.num_layers,
+            "num_attention_heads": s.num_kv_heads, "token_dim": s.token_dim,
+            "num_transformer_submodules": s.num_transformer_submodules,
+        })
+        config.setdefault("prefix_projection", False)
+        config.setdefault("encoder_hidden_size", s.token_dim)
+        if config.get("task_type") is None:
+            config["task_type"] = "CAUSAL_LM"
+    return config
+
+
+def _listify(v: tuple[str, ...] | str | None) -> list[str] | str | None:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _targets(adapter: Adapter, targets: tuple[str, ...] | str | None) -> list[str] | str:
+    if targets is not None:
+        return _listify(targets)
+    # Unknown: name every module exactly, so PEFT adds LoRA/IA3 layers to these and no others.
+    return adapter.modules()
+
+
+def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``adapter`` as a PEFT directory that ``PeftModel.from_pretrained`` loads.
+
+    The directory is built beside ``path`` and renamed into place, so a failure leaves nothing.
+    """
+    path = Path(path)
+    config = config_for(adapter)
+    tensors = {_to_peft(adapter.kind, n): adapter.tensors[n] for n in adapter.tensors}
+    metadata = {"format": "pt"}
+    if adapter.base.fingerprint:
+        metadata[FINGERPRINT_KEY] = adapter.base.fingerprint
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        (tmp / CONFIG_NAME).write_text(dump_json(config), encoding="utf-8")
+        save_tensors(tensors, tmp / WEIGHTS_NAME, metadata)
+    return path
+
+
+__all__ = ["read", "write", "config_for", "is_peft_config", "FormatError"]

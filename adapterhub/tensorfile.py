@@ -1,0 +1,164 @@
+"""Safetensors files seen through their headers: names, dtypes, shapes and byte ranges.
+
+The header is parsed and checked against the file's real size before any tensor is touched, so a
+truncated file or a header that lies about sizes is reported up front instead of failing (or
+reading garbage) later. Tensors are read on demand through ``safetensors.safe_open`` (mmap).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from adapterhub.errors import CorruptFileError, MissingFileError
+
+if TYPE_CHECKING:
+    import torch
+
+#: bytes per element of each safetensors dtype
+DTYPE_SIZES: dict[str, float] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+    "F4": 0.5,
+}
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file, without its data."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The parsed, validated header of one safetensors file."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    file_size: int
+
+
+def read_header(path: str | Path) -> SafetensorsHeader:
+    """Parse and validate the header of a safetensors file; read no tensor data.
+
+    Raises:
+        MissingFileError: the file does not exist.
+        CorruptFileError: the file is truncated, the header is not valid JSON, or the byte ranges
+            it declares do not match the dtypes, shapes and the file's real size.
+    """
+    path = Path(path)
+    fix = "re-download or re-export the file; it is damaged or was not written completely."
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CorruptFileError(
+                    f"{path} is not a safetensors file: it is {size} bytes, shorter than the 8-byte "
+                    f"header length.\n  fix: {fix}", path=path)
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise CorruptFileError(
+                    f"{path} is truncated or not a safetensors file: its header claims {n} bytes "
+                    f"but the file has {size} bytes.\n  fix: {fix}", path=path)
+            raw = f.read(n)
+    except FileNotFoundError as e:
+        raise MissingFileError(f"{path} does not exist.", path=path) from e
+    except IsADirectoryError as e:
+        raise CorruptFileError(f"{path} is a directory, not a safetensors file.", path=path) from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(
+            f"{path} has a header that is not valid JSON ({e}).\n  fix: {fix}", path=path) from e
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{path} has a header that is not a JSON object.\n  fix: {fix}", path=path)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CorruptFileError(f"{path}: __metadata__ must map strings to strings.\n  fix: {fix}", path=path)
+    base = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        tensors[name] = _check_entry(path, name, entry, base, fix)
+    # The data buffer must be covered exactly, without gaps or overlaps, and end at end of file.
+    pos = base
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start != pos:
+            what = "overlaps another tensor" if info.start < pos else "leaves a gap before it"
+            raise CorruptFileError(
+                f"{path}: tensor '{info.name}' {what} (starts at byte {info.start - base}, "
+                f"expected {pos - base}).\n  fix: {fix}", path=path)
+        pos = info.end
+    if pos != size:
+        raise CorruptFileError(
+            f"{path} is {'truncated' if pos > size else 'longer than its header says'}: the header "
+            f"describes {pos} bytes, the file has {size}.\n  fix: {fix}", path=path)
+    return SafetensorsHeader(path=path, tensors=tensors, metadata=dict(metadata), file_size=size)
+
+
+def _check_entry(path: Path, name: str, entry: object, base: int, fix: str) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise CorruptFileError(f"{path}: header entry '{name}' is not an object.\n  fix: {fix}", path=path)
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise CorruptFileError(f"{path}: tensor '{name}' has unknown dtype {dtype!r}.\n  fix: {fix}", path=path)
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise CorruptFileError(f"{path}: tensor '{name}' has an invalid shape {shape!r}.\n  fix: {fix}", path=path)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise CorruptFileError(
+            f"{path}: tensor '{name}' has invalid data_offsets {offsets!r}.\n  fix: {fix}", path=path)
+    expected = math.ceil(math.prod(shape) * DTYPE_SIZES[dtype])
+    if offsets[1] - offsets[0] != expected:
+        raise CorruptFileError(
+            f"{path}: tensor '{name}' ({dtype}, shape {shape}) needs {expected} bytes but its header "
+            f"gives it {offsets[1] - offsets[0]}.\n  fix: {fix}", path=path)
+    return TensorInfo(name, dtype, tuple(shape), path, base + offsets[0], base + offsets[1])
+
+
+def load_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor (memory-mapped by safetensors) as a torch tensor on the CPU."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(info.path), framework="pt") as f:
+            return f.get_tensor(info.name)
+    except (SafetensorError, OSError) as e:
+        raise CorruptFileError(
+            f"Could not read tensor '{info.name}' from {info.path}: {e}\n"
+            "  fix: the file changed or is damaged since it was opened; re-download it.",
+            path=info.path) from e
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors to a safetensors file (contiguous CPU copies; byte-for-byte deterministic)."""
+    from safetensors.torch import save_file
+
+    data = {k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())}
+    save_file(data, str(path), metadata=dict(sorted((metadata or {}).items())) or None)
