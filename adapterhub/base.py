@@ -174,6 +174,9 @@ def _read_sharded(path: Path, index_path: Path) -> tuple[dict[str, TensorInfo], 
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise BaseCheckpointError(f"{index_path} has no 'weight_map'.", path=index_path)
+    if not all(isinstance(shard, str) and shard for shard in weight_map.values()):
+        raise BaseCheckpointError(f"{index_path}: every 'weight_map' value must be a shard file name.",
+                                  path=index_path)
     tensors: dict[str, TensorInfo] = {}
     files: list[Path] = []
     for shard in sorted(set(weight_map.values())):

