@@ -112,6 +112,16 @@ def test_rank_in_config_disagrees_with_tensors(base, llama_base, make_peft, tmp_
     assert codes(report) == ["rank"] and "config gives this module r=8" in report.errors[0].message
 
 
+def test_composable_refuses_a_rank_that_disagrees_with_its_config(llama_base, make_peft, tmp_path):
+    src = make_peft(llama_base, LoraConfig(r=4, target_modules=["q_proj"]))
+    dst = tmp_path / "r"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {"q_proj": 2}}))
+    report = check_composable([read_adapter(src), read_adapter(dst)])
+    assert codes(report) == ["rank"] and "scale would be wrong" in report.errors[0].message
+
+
 def test_ia3_vector_on_the_wrong_side(base, llama_base, make_peft, tmp_path):
     src = make_peft(llama_base, IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
     assert check_adapter(read_adapter(src), base).ok

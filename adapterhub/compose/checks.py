@@ -7,14 +7,14 @@ is raised for an incompatibility (``Report.raise_for_errors()`` does that on req
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from adapterhub.adapter import Adapter, BaseModelRef
 from adapterhub.base import BaseCheckpoint
 from adapterhub.errors import CompatibilityError
-from adapterhub.tensorfile import FLOAT_DTYPES
+from adapterhub.tensorfile import FLOAT_DTYPES, TensorInfo
 
 Severity = Literal["error", "warning", "info"]
 #: leading path components an adapter's module names may have that the checkpoint's lack, or vice versa
@@ -176,7 +176,7 @@ def _resolve(module: str, base: BaseCheckpoint, c: _Collector) -> str | None:
     return match
 
 
-def _check_dtypes(adapter: Adapter, names: dict[str, str], where: str, base_dtype: str, c: _Collector) -> None:
+def _check_dtypes(adapter: Adapter, names: dict[str, str], where: str, c: _Collector) -> None:
     dtypes = {adapter.tensors.dtype(n) for n in names.values()}
     bad = sorted(d for d in dtypes if d not in FLOAT_DTYPES)
     if bad:
@@ -187,18 +187,25 @@ def _check_dtypes(adapter: Adapter, names: dict[str, str], where: str, base_dtyp
               "they are computed in float32; re-export in one dtype to silence this")
 
 
-def _check_lora(adapter: Adapter, base: BaseCheckpoint, c: _Collector, resolved: dict[str, str]) -> None:
-    spec = adapter.spec
-    dtype_note: set[str] = set()
+def _targets(adapter: Adapter, base: BaseCheckpoint, c: _Collector,
+             resolved: dict[str, str]) -> Iterator[tuple[str, dict[str, str], TensorInfo]]:
+    """Each adapter module whose base weight resolves: (module, role -> tensor name, base weight)."""
     for m in adapter.modules():
-        names = adapter.module_tensors(m)
         target = _resolve(m, base, c)
         if target is None:
             continue
         w = base.tensors[base.modules[target]]
         resolved[m] = w.name
+        names = adapter.module_tensors(m)
+        _check_dtypes(adapter, names, m, c)
+        yield m, names, w
+
+
+def _check_lora(adapter: Adapter, base: BaseCheckpoint, c: _Collector, resolved: dict[str, str]) -> None:
+    spec = adapter.spec
+    dtype_note: set[str] = set()
+    for m, names, w in _targets(adapter, base, c, resolved):
         shapes = {role: tuple(adapter.tensors.shape(n)) for role, n in names.items()}
-        _check_dtypes(adapter, names, m, w.dtype, c)
         dtype_note |= {adapter.tensors.dtype(n) for n in names.values()} - {w.dtype}
         embedding = "lora_embedding_A" in names
         a_role, b_role = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
@@ -252,14 +259,7 @@ def _check_lora(adapter: Adapter, base: BaseCheckpoint, c: _Collector, resolved:
 
 def _check_ia3(adapter: Adapter, base: BaseCheckpoint, c: _Collector, resolved: dict[str, str]) -> None:
     spec = adapter.spec
-    for m in adapter.modules():
-        names = adapter.module_tensors(m)
-        target = _resolve(m, base, c)
-        if target is None:
-            continue
-        w = base.tensors[base.modules[target]]
-        resolved[m] = w.name
-        _check_dtypes(adapter, names, m, w.dtype, c)
+    for m, names, w in _targets(adapter, base, c, resolved):
         if len(w.shape) != 2:
             c.add("error", "shape", m, f"IA3 on a {len(w.shape)}-d weight {w.shape} is not supported", "")
             continue
@@ -429,6 +429,9 @@ def _compose_modules(adapters: Sequence[Adapter], labels: list[str], c: _Collect
         if a.spec.fan_in_fan_out != first.spec.fan_in_fan_out:
             c.add("error", "fan-in-fan-out", label, "fan_in_fan_out differs between the adapters", "")
         for m in a.modules():
+            if a.kind == "lora" and a.lora_rank(m) != a.spec.rank(m):
+                c.add("error", "rank", f"{label}:{m}", f"tensors have rank {a.lora_rank(m)} but the config gives "
+                      f"r={a.spec.rank(m)}, so its scale would be wrong", "fix r / rank_pattern in its config")
             sig = _module_signature(a, m)
             if m in seen and seen[m][1] != sig:
                 c.add("error", "shape", m, f"{label} gives it shape {sig}, {seen[m][0]} gives {seen[m][1]}",
