@@ -67,3 +67,49 @@ class CompatibilityError(AdapterHubError, ValueError):
     def __init__(self, message: str, *, report: object | None = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+# --- registry --------------------------------------------------------------------------------------
+
+
+class RegistryError(AdapterHubError):
+    """A registry operation failed."""
+
+
+class InvalidReferenceError(RegistryError, ValueError):
+    """A name, version, tag or reference is malformed; nothing was touched."""
+
+    def __init__(self, message: str, *, ref: str | None = None) -> None:
+        super().__init__(message)
+        self.ref = ref
+
+
+class NotFoundError(RegistryError, LookupError):
+    """A reference names no version in the registry."""
+
+    def __init__(self, message: str, *, ref: str | None = None) -> None:
+        super().__init__(message)
+        self.ref = ref
+
+
+class VersionExistsError(RegistryError, FileExistsError):
+    """A version already exists with different content; versions are immutable."""
+
+    def __init__(self, message: str, *, ref: str | None = None) -> None:
+        super().__init__(message)
+        self.ref = ref
+
+
+class IntegrityError(RegistryError):
+    """Stored content does not hash to its recorded digest."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, expected: str | None = None,
+                 actual: str | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+        self.expected = expected
+        self.actual = actual
+
+
+class StorageError(RegistryError, OSError):
+    """The registry's storage failed (disk full, permissions); nothing half-written was left."""
