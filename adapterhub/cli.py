@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -17,13 +20,39 @@ EXIT_UNREADABLE = 2
 
 
 def _fail(exc: Exception) -> NoReturn:
-    """Render a library error as one message and exit: 2 for unreadable input, 1 otherwise."""
-    from adapterhub.errors import BaseCheckpointError, FormatError
+    """Render a library error as one message and exit: 2 for unreadable input or a bad reference, 1 otherwise."""
+    from adapterhub.errors import BaseCheckpointError, FormatError, InvalidReferenceError
 
     if os.environ.get("ADAPTERHUB_DEBUG"):
         raise exc
+    report = getattr(exc, "report", None)
+    if report is not None:
+        for p in report.problems:
+            click.echo(p.line(), err=True)
     click.echo(f"error: {exc}", err=True)
-    sys.exit(EXIT_UNREADABLE if isinstance(exc, (FormatError, BaseCheckpointError)) else 1)
+    unreadable = (FormatError, BaseCheckpointError, InvalidReferenceError)
+    sys.exit(EXIT_UNREADABLE if isinstance(exc, unreadable) else 1)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn library errors into one rendered message and an exit status."""
+    from adapterhub.errors import AdapterHubError
+
+    try:
+        yield
+    except AdapterHubError as e:
+        _fail(e)
+
+
+@contextmanager
+def _progress(total: int, label: str) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar on stderr when it is a terminal; nothing when piped."""
+    if not sys.stderr.isatty() or total <= 0:
+        yield None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield bar.update
 
 
 def _emit_json(data: Any) -> None:
@@ -36,10 +65,33 @@ allow_pickle_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
+class _LazyRegistry:
+    """Opens the registry on first use, so commands that need none never create one."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._registry = None
+
+    def get(self):  # noqa: ANN201 - Registry, imported lazily
+        if self._registry is None:
+            from adapterhub.registry import Registry
+
+            with _errors():
+                self._registry = Registry(self.path)
+        return self._registry
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="adapterhub")
-def cli() -> None:
+@click.option("--registry", "registry_path", envvar="ADAPTERHUB_REGISTRY", type=click.Path(file_okay=False),
+              help="Registry directory [env: ADAPTERHUB_REGISTRY; default: ~/.local/share/adapterhub/registry].")
+@click.pass_context
+def cli(ctx: click.Context, registry_path: str | None) -> None:
     """Store, check, compose and ship adapters for shared base models."""
+    ctx.obj = _LazyRegistry(registry_path)
+
+
+pass_registry = click.make_pass_decorator(_LazyRegistry)
 
 
 @cli.command()
@@ -170,6 +222,205 @@ def convert(adapter: str, output: str, fmt: str, base_dir: str | None, force: bo
     for p in report.problems if report else ():
         click.echo(p.line(), err=True)
     click.echo(f"wrote {fmt} adapter to {path}")
+
+
+# --- registry ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.argument("target", metavar="NAME[@VERSION]")
+@click.option("--tag", "tags", multiple=True, help="Tag to point at the new version (repeatable).")
+@click.option("--description", default="", help="Free text stored in the manifest.")
+@click.option("--base", "base_dir", type=click.Path(file_okay=False, path_type=str),
+              help="Check compatibility with this base first (refuse if incompatible) and record its fingerprint.")
+@click.option("--metric", "metrics", multiple=True, metavar="KEY=VALUE", help="A metric to record (repeatable).")
+@allow_pickle_option
+@pass_registry
+def push(reg: _LazyRegistry, directory: str, target: str, tags: tuple[str, ...], description: str,
+         base_dir: str | None, metrics: tuple[str, ...], allow_pickle: bool) -> None:
+    """Store the adapter in DIRECTORY as NAME[@VERSION]; prints NAME@VERSION sha256:DIGEST last."""
+    parsed = {}
+    for m in metrics:
+        key, sep, value = m.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{m!r} is not KEY=VALUE", param_hint="--metric")
+        parsed[key] = _number(value)
+    from adapterhub.registry.refs import check_label, check_target
+
+    with _errors():  # refuse bad names before the registry is even created
+        check_target(target)
+        for t in tags:
+            check_label(t, "tag")
+    registry = reg.get()
+    total = sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+    with _errors(), _progress(total, "pushing") as progress:
+        result = registry.push(directory, target, tags=tags, description=description, metrics=parsed,
+                               base=base_dir, allow_pickle=allow_pickle, progress=progress)
+    if not result.created:
+        click.echo(f"{result.ref} already exists with identical content; nothing pushed.")
+    click.echo(f"{result.ref} {result.digest}")
+
+
+def _number(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    return text
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Directory to write.")
+@click.option("--format", "fmt", type=click.Choice(["peft", "adapters", "adapterhub"]), default=None,
+              help="Convert to this format (default: as pushed).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+@click.option("--link", is_flag=True, help="Hard-link files from the registry (instant; read-only, never edit them).")
+@pass_registry
+def pull(reg: _LazyRegistry, ref: str, output: str, fmt: str | None, force: bool, link: bool) -> None:
+    """Write version REF to a directory, verifying every hash."""
+    registry = reg.get()
+    with _errors():
+        size = int(registry.manifest(ref).get("size") or 0)
+        with _progress(size, "pulling") as progress:
+            path = registry.pull(ref, output, format=fmt, overwrite=force, link=link, progress=progress)
+        resolved = registry.resolve(ref)
+    click.echo(f"{resolved.ref} {resolved.digest} -> {path}")
+
+
+@cli.command(name="list")
+@click.argument("pattern", required=False)
+@click.option("--kind", type=click.Choice(["lora", "ia3", "bottleneck", "prefix"]))
+@click.option("--base", help="Base model name (glob) or fingerprint prefix.")
+@click.option("--tag", help="Only versions carrying this tag.")
+@json_option
+@pass_registry
+def list_(reg: _LazyRegistry, pattern: str | None, kind: str | None, base: str | None, tag: str | None,
+          as_json: bool) -> None:
+    """List versions, optionally filtered by a name glob (e.g. 'team/*')."""
+    with _errors():
+        rows = reg.get().list(pattern, kind=kind, base=base, tag=tag)
+    if as_json:
+        _emit_json([r.to_dict() for r in rows])
+        return
+    if not rows:
+        click.echo("no versions match", err=True)
+        return
+    table = [("REF", "KIND", "BASE", "SIZE", "CREATED", "TAGS")]
+    for r in rows:
+        table.append((r.ref, r.kind or "", (r.base_name or "")[-40:], _human(r.size or 0), (r.created_at or "")[:19],
+                      ",".join(r.tags)))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@cli.command()
+@click.argument("ref")
+@json_option
+@pass_registry
+def show(reg: _LazyRegistry, ref: str, as_json: bool) -> None:
+    """Show the manifest of version REF."""
+    with _errors():
+        info = reg.get().show(ref)
+    if as_json:
+        _emit_json(info)
+        return
+    m = info["manifest"]
+    base = m.get("base") or {}
+    click.echo(f"{info['ref']}  {info['digest']}")
+    click.echo(f"kind        {m['kind']} ({m['format']} format)")
+    click.echo(f"base        {base.get('name_or_path') or '(not recorded)'}"
+               + (f"  fingerprint {base['fingerprint'][:20]}..." if base.get("fingerprint") else ""))
+    click.echo(f"created     {m['created_at']}")
+    click.echo(f"tags        {', '.join(info['current_tags']) or '-'}")
+    if m.get("description"):
+        click.echo(f"description {m['description']}")
+    if m.get("metrics"):
+        click.echo(f"metrics     {json.dumps(m['metrics'], sort_keys=True)}")
+    if m.get("parents"):
+        click.echo(f"parents     {', '.join(p.get('ref', str(p)) for p in m['parents'])}")
+    click.echo(f"parameters  {m.get('num_parameters', 0):,}; {_human(m.get('size') or 0)} in {len(m['files'])} file(s)")
+    for f in m["files"]:
+        click.echo(f"  {f['sha256'][:12]}  {_human(f['size']):>10}  {f['path']}")
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("tag")
+@pass_registry
+def tag(reg: _LazyRegistry, ref: str, tag: str) -> None:
+    """Point TAG at version REF (moving it if it exists)."""
+    with _errors():
+        res = reg.get().tag(ref, tag)
+    click.echo(f"{res.name}@{tag} -> {res.ref}")
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("tag")
+@pass_registry
+def untag(reg: _LazyRegistry, name: str, tag: str) -> None:
+    """Remove TAG from NAME (untagging 'latest' makes it follow the newest push again)."""
+    with _errors():
+        reg.get().untag(name, tag)
+    click.echo(f"removed {name}@{tag}")
+
+
+@cli.command()
+@click.argument("ref")
+@pass_registry
+def rm(reg: _LazyRegistry, ref: str) -> None:
+    """Remove version REF (NAME@VERSION) and its tags; `gc` frees its storage."""
+    with _errors():
+        res = reg.get().rm(ref)
+    click.echo(f"removed {res.ref} {res.digest}")
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only print what would be removed.")
+@json_option
+@pass_registry
+def gc(reg: _LazyRegistry, dry_run: bool, as_json: bool) -> None:
+    """Remove blobs no version references, stale snapshots and staging leftovers."""
+    with _errors():
+        plan = reg.get().gc(dry_run=dry_run)
+    if as_json:
+        _emit_json({**plan.to_dict(), "dry_run": dry_run})
+        return
+    verb = "would free" if dry_run else "freed"
+    click.echo(f"{len(plan.blobs)} blob(s), {len(plan.snapshots)} snapshot(s), {len(plan.temp)} staging "
+               f"leftover(s): {verb} {_human(plan.expected_freed_size)}")
+
+
+@cli.command()
+@json_option
+@pass_registry
+def verify(reg: _LazyRegistry, as_json: bool) -> None:
+    """Check every manifest and blob hash; list orphans. Exit 1 if anything is damaged."""
+    registry = reg.get()
+    with _errors():
+        report = registry.verify()
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        for p in report.problems:
+            click.echo(f"{p.severity}[{p.what}] {p.where}: {p.message.splitlines()[0]}")
+        state = "ok" if report.ok else "DAMAGED"
+        click.echo(f"{registry.root}: {state} ({report.versions} versions, {report.blobs} blobs, "
+                   f"{len(report.orphans)} orphan(s))")
+    sys.exit(0 if report.ok else 1)
+
+
+@cli.command()
+@pass_registry
+def reindex(reg: _LazyRegistry) -> None:
+    """Rebuild the search index from the manifests."""
+    with _errors():
+        reg.get().reindex()
+    click.echo("index rebuilt")
 
 
 def main() -> None:

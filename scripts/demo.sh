@@ -25,4 +25,17 @@ step "inspect the PEFT directory" $ah inspect $out/minilm_lora_peft
 step "materialise an adapters-library prefix (GQA Llama) as a PEFT prefix" \
   $ah convert $fx/llama_prefix_tuning_safetensors -o $out/llama_prefix_peft --format peft --base $fx/tiny_llama_base
 step "check the result against the base, as JSON" $ah check $out/llama_prefix_peft --base $fx/tiny_llama_base --json
+
+# the registry: a copy of the demo registry in registry/demo, so the committed one stays as it is
+cp -r registry/demo $out/registry
+export ADAPTERHUB_REGISTRY=$out/registry
+step "list the demo registry" $ah list
+step "show one version's manifest" $ah show demo/minilm-sentiment@stable
+step "pull it in PEFT format (every hash verified)" $ah pull demo/minilm-sentiment@stable -o $out/pulled --format peft
+step "the pulled directory is a plain PEFT adapter that fits the base" $ah check $out/pulled --base "$minilm"
+step "push the converted adapter as a new version, checked against the base first" \
+  $ah push $out/minilm_lora_peft demo/minilm-sentiment --base "$minilm" --tag peft --description "converted to PEFT"
+step "pushing it again is a no-op" $ah push $out/minilm_lora_peft demo/minilm-sentiment@3
+step "find every LoRA for MiniLM" $ah list 'demo/*' --kind lora --base 'sentence-transformers/*'
+step "verify every blob of the registry" $ah verify
 printf '\n\033[1mdemo complete:\033[0m outputs in %s/\n' "$out"

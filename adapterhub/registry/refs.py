@@ -81,3 +81,14 @@ def parse_ref(text: str) -> Ref:
     if "@" in rest:
         raise InvalidReferenceError(f"invalid reference {text!r}: one '@' at most.", ref=text)
     return Ref(name=name, label=check_label(rest, "version or tag"))
+
+
+def check_target(target: str) -> tuple[str, str | None]:
+    """Validate a push target ``NAME[@VERSION]``; returns (name, version or None)."""
+    name, _, version = target.partition("@")
+    check_name(name)
+    if version:
+        check_label(version, "version")
+        if version == LATEST or version.startswith("sha256"):
+            raise InvalidReferenceError(f"'{version}' cannot be a version name.", ref=target)
+    return name, version or None

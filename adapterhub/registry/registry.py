@@ -39,7 +39,15 @@ from adapterhub.errors import (
     VersionExistsError,
 )
 from adapterhub.registry.index import Index, VersionInfo, row_from_manifest
-from adapterhub.registry.refs import LATEST, Ref, check_label, check_name, is_integer_version, parse_ref
+from adapterhub.registry.refs import (
+    LATEST,
+    Ref,
+    check_label,
+    check_name,
+    check_target,
+    is_integer_version,
+    parse_ref,
+)
 from adapterhub.registry.store import CHUNK, LocalStore, corrupt, hash_file, os_errors
 
 FORMAT_NAME = "adapterhub-registry"
@@ -150,7 +158,7 @@ class Registry:
     """
 
     def __init__(self, path: str | Path | None = None) -> None:
-        self.root = Path(path).expanduser() if path is not None else default_path()
+        self.root = (Path(path).expanduser() if path is not None else default_path()).absolute()
         self.store = LocalStore(self.root)
         self._index: Index | None = None
         self._init_layout()
@@ -366,12 +374,7 @@ class Registry:
             CompatibilityError: the adapter does not fit ``base``.
             StorageError: disk full or permission denied (nothing half-written is visible).
         """
-        name, _, version = target.partition("@")
-        check_name(name)
-        if version:
-            check_label(version, "version")
-            if version == LATEST or version.startswith("sha256"):
-                raise InvalidReferenceError(f"'{version}' cannot be a version name.", ref=target)
+        name, version = check_target(target)
         for t in tags:
             self._check_tag(t)
         from adapterhub.formats import detect, read_adapter, write_adapter
@@ -401,7 +404,7 @@ class Registry:
                     "kind": adapter.kind, "format": fmt, "files": files,
                     "spec": _spec_dict(adapter), "base": asdict(base_ref),
                 }
-                return self._commit(name, version or None, content, adapter, tags=list(tags),
+                return self._commit(name, version, content, adapter, tags=list(tags),
                                     description=description, metrics=metrics or {}, parents=list(parents),
                                     recipe=recipe)
             finally:
@@ -549,7 +552,8 @@ class Registry:
             for f in manifest["files"]:
                 dest = tmp / _safe_rel(f["path"])
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(self.store.blob_path("sha256:" + f["sha256"]), dest)
+                # relative, so a copied or moved registry keeps working snapshots
+                os.symlink(os.path.relpath(self.store.blob_path("sha256:" + f["sha256"]), dest.parent), dest)
             snap.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(tmp, snap)
