@@ -111,3 +111,24 @@ def test_demo_registry_is_valid(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["ok"] and report["versions"] >= 5 and not report["problems"]
+
+
+def test_manifests_follow_the_published_schema(tmp_path):
+    import jsonschema
+
+    from adapterhub.registry import Registry
+
+    schema = json.loads((ROOT / "registry" / "manifest.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    reg = Registry(tmp_path / "reg")
+    reg.push(ADAPTERS_LIB / "minilm_lora", "team/sent", tags=["prod"], metrics={"acc": 0.9})
+    reg.push(ADAPTERS_LIB / "llama_prefix_tuning_safetensors", "prefix", base=ADAPTERS_LIB / "tiny_llama_base")
+    demo = Registry(shutil.copytree(DEMO, tmp_path / "demo", ignore=shutil.ignore_patterns(
+        "index.sqlite*", "locks", "tmp", "snapshots")))
+    manifests = [reg.manifest("team/sent"), reg.manifest("prefix")]
+    manifests += [demo.manifest(v.ref) for v in demo.list()]
+    for m in manifests:
+        jsonschema.validate(m, schema)
+    bad = dict(manifests[0], files=[{"path": "../x", "sha256": "0" * 64, "size": 1}])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
