@@ -23,6 +23,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -244,17 +245,19 @@ class Adapter:
 
     def modules(self) -> list[str]:
         """Module paths this adapter modifies (LoRA/IA3), in sorted order."""
-        mods = {s[0] for n in self.tensors if (s := split_name(self.kind, n))}
-        return sorted(mods)
+        return sorted(self._by_module)
+
+    @cached_property
+    def _by_module(self) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        for n in self.tensors:
+            if s := split_name(self.kind, n):
+                out.setdefault(s[0], {})[s[1]] = n
+        return out
 
     def module_tensors(self, module: str) -> dict[str, str]:
         """Parameter role -> canonical tensor name for one module."""
-        out = {}
-        for n in self.tensors:
-            s = split_name(self.kind, n)
-            if s and s[0] == module:
-                out[s[1]] = n
-        return out
+        return dict(self._by_module.get(module, {}))
 
     def carried(self) -> list[str]:
         """Tensors kept verbatim (``modules_to_save`` copies, saved embedding layers)."""

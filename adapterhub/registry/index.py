@@ -7,7 +7,6 @@ its refs the next time the index is opened.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ CREATE TABLE IF NOT EXISTS versions (
     PRIMARY KEY (name, version));
 CREATE INDEX IF NOT EXISTS versions_kind ON versions(kind);
 CREATE INDEX IF NOT EXISTS versions_base ON versions(base_name);
+CREATE INDEX IF NOT EXISTS versions_name_seq ON versions(name, seq);
+CREATE INDEX IF NOT EXISTS versions_seq ON versions(seq);
 CREATE TABLE IF NOT EXISTS tags (name TEXT NOT NULL, tag TEXT NOT NULL, version TEXT NOT NULL,
     PRIMARY KEY (name, tag));
 CREATE TABLE IF NOT EXISTS dirty (name TEXT PRIMARY KEY);
@@ -145,7 +146,7 @@ class Index:
               tag: str | None = None, name: str | None = None) -> list[VersionInfo]:
         sql = ["SELECT v.name, v.version, v.digest, v.kind, v.format, v.base_name, v.base_fingerprint, "
                "v.created_at, v.description, v.size, v.num_parameters, "
-               "(SELECT json_group_array(t.tag) FROM tags t WHERE t.name=v.name AND t.version=v.version) "
+               "(SELECT group_concat(t.tag, ',') FROM tags t WHERE t.name=v.name AND t.version=v.version) "
                "FROM versions v WHERE 1=1"]
         args: list[Any] = []
         if name is not None:
@@ -166,5 +167,6 @@ class Index:
         sql.append("ORDER BY v.name, v.seq")
         out = []
         for r in self.db.execute(" ".join(sql), args):
-            out.append(VersionInfo(*r[:11], tags=tuple(sorted(json.loads(r[11])))))
+            # tags are [a-z0-9._-]+, so a comma separates them safely
+            out.append(VersionInfo(*r[:11], tags=tuple(sorted(r[11].split(","))) if r[11] else ()))
         return out

@@ -19,7 +19,6 @@ killed at any moment, the version is either absent or complete. Pushes hold a sh
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -48,7 +47,7 @@ from adapterhub.registry.refs import (
     is_integer_version,
     parse_ref,
 )
-from adapterhub.registry.store import CHUNK, LocalStore, corrupt, hash_file, os_errors
+from adapterhub.registry.store import LocalStore, corrupt, hash_file, os_errors
 
 FORMAT_NAME = "adapterhub-registry"
 FORMAT_VERSION = 1
@@ -603,17 +602,17 @@ class Registry:
         return out
 
     def _copy_verified(self, digest: str, dest: Path, ref: str, progress: Progress | None) -> None:
+        """Copy a blob (in-kernel) while another thread hashes it; a mismatch raises after the copy,
+        and the caller's staging directory is then discarded."""
+        from concurrent.futures import ThreadPoolExecutor
+
         src = self.store.blob_path(digest)
         if not src.is_file():
             self._verified_blob(digest, ref, progress)  # raises with the message
-        h = hashlib.sha256()
-        with open(src, "rb") as fi, open(dest, "wb") as fo:
-            while chunk := fi.read(CHUNK):
-                h.update(chunk)
-                fo.write(chunk)
-                if progress:
-                    progress(len(chunk))
-        actual = f"sha256:{h.hexdigest()}"
+        with ThreadPoolExecutor(1) as pool:
+            hashed = pool.submit(hash_file, src, progress)
+            shutil.copyfile(src, dest)
+            actual, _ = hashed.result()
         if actual != digest:
             raise corrupt(digest, actual, src, ref)
 

@@ -130,8 +130,11 @@ class LocalStore:
                         if progress:
                             progress(len(chunk))
                     out.flush()
+                    digest = f"sha256:{h.hexdigest()}"
+                    if self.has_blob(digest):  # stored already: no fsync, drop the copy
+                        tmp.unlink()
+                        return digest, size
                     os.fsync(out.fileno())
-                digest = f"sha256:{h.hexdigest()}"
                 self._commit_blob(tmp, digest)
                 return digest, size
             except BaseException:

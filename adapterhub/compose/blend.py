@@ -1,0 +1,422 @@
+"""Blending and stacking adapters: one small function per method, chosen from one table.
+
+LoRA methods work module by module on factors and never build an ``out x in`` matrix unless the
+method is defined on dense deltas (ties, dare, magnitude pruning). Every LoRA result has scale 1
+(``alpha == r`` per module), so nothing downstream can apply a scale twice; ranks that differ per
+module go to exact ``rank_pattern``/``alpha_pattern`` keys, so the result reloads in PEFT as is.
+
+========================  ============================================================================
+method                    result
+========================  ============================================================================
+``linear`` / ``cat``      sum_i w_i s_i B_i A_i exactly, as concatenated factors (rank sum r_i)
+``svd``                   best rank-k approximation of that sum (thin QRs + an SVD of a sum(r_i)^2 core)
+``ties``                  TIES: magnitude-prune each dense delta, elect signs, disjoint mean; rank k
+``dare_linear``           DARE: random drop + rescale each delta, weighted sum; rank k (seeded)
+``dare_ties``             DARE drop + TIES sign election; rank k (seeded)
+``magnitude_prune``       magnitude-prune each delta, weighted sum; rank k
+========================  ============================================================================
+
+IA3 blends are weighted sums of the scaling vectors; bottleneck adapters are weighted *parameter*
+averages (identical configs required: this averages weights, not outputs); prefixes are weighted
+averages of the materialised prefix values (equal lengths required).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from adapterhub.adapter import Adapter, BaseModelRef, IA3Spec, LoraSpec, PrefixSpec, Tensors
+from adapterhub.compose.checks import check_composable
+from adapterhub.errors import AdapterHubError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class BlendError(AdapterHubError, ValueError):
+    """A blend was asked for with options or inputs it cannot honour."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A blend method: its function, the adapter kinds it accepts and its options."""
+
+    name: str
+    fn: Callable[..., Adapter]
+    kinds: frozenset[str]
+    options: tuple[str, ...]
+    summary: str
+
+
+METHODS: dict[str, Method] = {}
+
+
+def method(name: str, *, kinds: Sequence[str], options: Sequence[str] = (), summary: str = "") -> Callable:
+    """Register a blend method; registering a name twice is an error."""
+
+    def deco(fn: Callable[..., Adapter]) -> Callable[..., Adapter]:
+        if name in METHODS:
+            raise ValueError(f"blend method {name!r} is registered twice")
+        METHODS[name] = Method(name, fn, frozenset(kinds), tuple(options), summary)
+        return fn
+
+    return deco
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _common_dtype(adapters: Sequence[Adapter], names: Sequence[tuple[int, str]]) -> torch.dtype:
+    import torch
+
+    from adapterhub.dtypes import st_to_torch
+
+    dtypes = {adapters[i].tensors.dtype(n) for i, n in names}
+    return st_to_torch(dtypes.pop()) if len(dtypes) == 1 else torch.float32
+
+
+@dataclass
+class _Factors:
+    """One module of one adapter: A (r x in), B (out x r), its scale and blend weight."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    weight: float
+
+
+def _lora_modules(adapters: Sequence[Adapter], weights: Sequence[float]
+                  ) -> tuple[dict[str, list[_Factors]], dict[str, str], dict[str, torch.dtype]]:
+    """module -> factors (in float64 for exactness of the small math), role prefix, dtype."""
+    import torch
+
+    modules: dict[str, list[_Factors]] = {}
+    roles: dict[str, str] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for a, w in zip(adapters, weights, strict=True):
+        if a.carried():
+            raise BlendError(f"{a.source or a.name}: modules_to_save copies ({', '.join(a.carried()[:3])}) cannot "
+                             "be blended; blend adapters without them.")
+        for m in a.modules():
+            names = a.module_tensors(m)
+            role = "lora_embedding_" if "lora_embedding_A" in names else "lora_"
+            if roles.setdefault(m, role) != role:
+                raise BlendError(f"{m}: an embedding LoRA and a linear LoRA cannot be blended.")
+            if "lora_B.bias" in names:
+                raise BlendError(f"{m}: LoRA bias (lora_bias=True) cannot be blended.")
+            A, B = a.tensors[names[role + "A"]], a.tensors[names[role + "B"]]
+            if A.dim() != 2:
+                raise BlendError(f"{m}: only 2-d (linear, embedding) LoRA can be blended, not {A.dim()}-d.")
+            dtypes.setdefault(m, A.dtype)
+            if dtypes[m] != A.dtype or B.dtype != A.dtype:
+                dtypes[m] = torch.float32
+            modules.setdefault(m, []).append(_Factors(A.double(), B.double(), a.spec.scale(m), float(w)))
+    return modules, roles, dtypes
+
+
+def _lora_result(adapters: Sequence[Adapter], factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 roles: dict[str, str], dtypes: dict[str, torch.dtype], extra: dict[str, Any]) -> Adapter:
+    """An Adapter of scale 1 per module from final (A, B) factors."""
+    tensors = {}
+    ranks = {}
+    for m, (A, B) in factors.items():
+        tensors[f"{m}.{roles[m]}A"] = A.to(dtypes[m]).contiguous()
+        tensors[f"{m}.{roles[m]}B"] = B.to(dtypes[m]).contiguous()
+        ranks[m] = A.shape[0]
+    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
+    pattern = {re.escape(m): k for m, k in sorted(ranks.items()) if k != r}
+    first = adapters[0]
+    spec = LoraSpec(r=r, alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern), target_modules=None,
+                    fan_in_fan_out=first.spec.fan_in_fan_out)
+    return Adapter(kind="lora", spec=spec, tensors=Tensors(tensors), base=_base(adapters),
+                   extra={"blend": extra})
+
+
+def _base(adapters: Sequence[Adapter]) -> BaseModelRef:
+    first = adapters[0].base
+    fps = [a.base.fingerprint for a in adapters if a.base.fingerprint]
+    return BaseModelRef(name_or_path=first.name_or_path, revision=first.revision,
+                        fingerprint=fps[0] if fps else None)
+
+
+def _concat(fs: list[_Factors]) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_i w_i s_i B_i A_i as one factor pair: weights and scales on A, as PEFT's cat does."""
+    import torch
+
+    A = torch.cat([f.A * (f.weight * f.scale) for f in fs], dim=0)
+    B = torch.cat([f.B for f in fs], dim=1)
+    return A, B
+
+
+def _truncate(A: torch.Tensor, B: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-k factors of B @ A without forming it: QR of B and A^T, SVD of the small core.
+
+    Returns (A_k, B_k, relative Frobenius error of the truncation).
+    """
+    import torch
+
+    Qb, Rb = torch.linalg.qr(B)            # out x R, R x R
+    Qa, Ra = torch.linalg.qr(A.T)          # in x R,  R x R
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)  # R x R core
+    k = min(k, S.numel())
+    total = float(S.square().sum())
+    err = math.sqrt(float(S[k:].square().sum()) / total) if total > 0 else 0.0
+    B_k = (Qb @ U[:, :k]) * S[:k]           # singular values on B, as PEFT's svd does
+    A_k = Vh[:k] @ Qa.T
+    return A_k, B_k, err
+
+
+def _dense_truncate(D: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    import torch
+
+    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    k = min(k, S.numel())
+    total = float(S.square().sum())
+    err = math.sqrt(float(S[k:].square().sum()) / total) if total > 0 else 0.0
+    return Vh[:k], U[:, :k] * S[:k], err
+
+
+def _default_rank(fs_by_module: dict[str, list[_Factors]], rank: int | None) -> int:
+    if rank is not None:
+        if rank < 1:
+            raise BlendError(f"rank must be >= 1, not {rank}.")
+        return rank
+    return max(f.A.shape[0] for fs in fs_by_module.values() for f in fs)
+
+
+# --- LoRA methods ----------------------------------------------------------------------------------
+
+
+@method("linear", kinds=["lora", "ia3", "bottleneck", "prefix"],
+        summary="exact weighted sum (LoRA: concatenated factors, no cross terms)")
+def linear(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
+    kind = adapters[0].kind
+    if kind == "ia3":
+        return _ia3_sum(adapters, weights)
+    if kind == "bottleneck":
+        return _param_average(adapters, weights)
+    if kind == "prefix":
+        return _prefix_average(adapters, weights)
+    modules, roles, dtypes = _lora_modules(adapters, weights)
+    factors = {m: _concat(fs) for m, fs in modules.items()}
+    return _lora_result(adapters, factors, roles, dtypes, {"method": "linear", "relative_error": {}})
+
+
+@method("cat", kinds=["lora"], summary="PEFT's name for linear: concatenated factors, rank = sum of ranks")
+def cat(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
+    result = linear(adapters, weights)
+    return result.replace(extra={"blend": {"method": "cat", "relative_error": {}}})
+
+
+@method("svd", kinds=["lora"], options=("rank",),
+        summary="best rank-k approximation of the exact sum, without building out x in matrices")
+def svd(adapters: Sequence[Adapter], weights: Sequence[float], *, rank: int | None = None) -> Adapter:
+    modules, roles, dtypes = _lora_modules(adapters, weights)
+    k = _default_rank(modules, rank)
+    factors, errors = {}, {}
+    for m, fs in modules.items():
+        A, B = _concat(fs)
+        A_k, B_k, errors[m] = _truncate(A, B, k)
+        factors[m] = (A_k, B_k)
+    return _lora_result(adapters, factors, roles, dtypes, {"method": "svd", "rank": k, "relative_error": errors})
+
+
+def _task_kernel(deltas: list[torch.Tensor], weights: list[float], *, density: float, prune: str | None,
+                 sign: str | None, generator: torch.Generator | None) -> torch.Tensor:
+    """Generalised task arithmetic on dense deltas (PEFT's merge_utils semantics)."""
+    import torch
+
+    if not 0.0 < density <= 1.0:
+        raise BlendError(f"density must be in (0, 1], not {density}.")
+    pruned = []
+    for d in deltas:
+        if prune == "magnitude" and density < 1.0:
+            k = int(density * d.numel())
+            mask = torch.zeros(d.numel(), dtype=d.dtype)
+            mask[torch.topk(d.abs().reshape(-1), k=k).indices] = 1
+            d = d * mask.reshape(d.shape)
+        elif prune == "random" and density < 1.0:
+            keep = torch.rand(d.shape, generator=generator, dtype=torch.float64) < density
+            d = d * keep / density
+        pruned.append(d)
+    stacked = torch.stack(pruned)
+    w = torch.tensor(weights, dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
+    weighted = stacked * w
+    if sign is None:
+        return weighted.sum(0)
+    magnitude = weighted.sum(0) if sign == "total" else weighted.sign().sum(0)
+    majority = torch.where(magnitude >= 0, 1.0, -1.0).to(weighted.dtype)
+    agree = weighted.sign() == majority
+    return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+_PRESETS = {
+    "ties": dict(prune="magnitude", sign="total"),
+    "dare_linear": dict(prune="random", sign=None),
+    "dare_ties": dict(prune="random", sign="total"),
+    "magnitude_prune": dict(prune="magnitude", sign=None),
+}
+
+
+def _dense_method(name: str) -> Callable[..., Adapter]:
+    preset = _PRESETS[name]
+
+    def run(adapters: Sequence[Adapter], weights: Sequence[float], *, rank: int | None = None,
+            density: float = 0.5, seed: int = 0, majority_sign_method: str = "total") -> Adapter:
+        import torch
+
+        if majority_sign_method not in ("total", "frequency"):
+            raise BlendError("majority_sign_method must be 'total' or 'frequency'.")
+        modules, roles, dtypes = _lora_modules(adapters, weights)
+        k = _default_rank(modules, rank)
+        generator = torch.Generator().manual_seed(seed)
+        factors, errors = {}, {}
+        for m in sorted(modules):  # fixed order: the random masks depend only on the seed
+            fs = modules[m]
+            deltas = [(f.B @ f.A) * f.scale for f in fs]
+            dense = _task_kernel(deltas, [f.weight for f in fs], density=density, prune=preset["prune"],
+                                 sign=preset["sign"] and majority_sign_method, generator=generator)
+            A_k, B_k, errors[m] = _dense_truncate(dense, k)
+            factors[m] = (A_k, B_k)
+        return _lora_result(adapters, factors, roles, dtypes,
+                            {"method": name, "rank": k, "density": density, "seed": seed, "relative_error": errors})
+
+    run.__name__ = name
+    run.__doc__ = f"{name} on dense per-module deltas, then re-factored to rank k (seeded, reproducible)."
+    return run
+
+
+for _name, _summary in (("ties", "TIES merging on dense deltas, re-factored to rank k"),
+                        ("dare_linear", "DARE (random drop + rescale) then weighted sum, rank k; seeded"),
+                        ("dare_ties", "DARE then TIES sign election, rank k; seeded"),
+                        ("magnitude_prune", "magnitude pruning then weighted sum, rank k")):
+    method(_name, kinds=["lora"], options=("rank", "density", "seed", "majority_sign_method"),
+           summary=_summary)(_dense_method(_name))
+
+
+# --- other kinds -----------------------------------------------------------------------------------
+
+
+def _ia3_sum(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
+    out: dict[str, torch.Tensor] = {}
+    for a, w in zip(adapters, weights, strict=True):
+        for m in a.modules():
+            name = a.module_tensors(m)["ia3_l"]
+            v = a.tensors[name].double() * w
+            out[name] = out[name] + v if name in out else v
+    first = adapters[0]
+    dtype = first.tensors[next(iter(first.tensors))].dtype
+    ff = sorted({m for a in adapters for m in a.modules() if a.spec.is_feedforward(m)})
+    spec = IA3Spec(target_modules=None, feedforward_modules=tuple(ff), fan_in_fan_out=first.spec.fan_in_fan_out)
+    return Adapter(kind="ia3", spec=spec, tensors=Tensors({k: v.to(dtype) for k, v in out.items()}),
+                   base=_base(adapters), extra={"blend": {"method": "linear"}})
+
+
+def _param_average(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
+    first = adapters[0]
+    out = {}
+    for name in first.tensors:
+        acc = sum(a.tensors[name].double() * w for a, w in zip(adapters, weights, strict=True))
+        out[name] = acc.to(first.tensors[name].dtype)
+    return first.replace(tensors=Tensors(out), base=_base(adapters), extra={
+        **{k: v for k, v in first.extra.items() if k != "blend"}, "blend": {"method": "linear"}})
+
+
+def _prefix_average(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
+    from adapterhub.formats.adapters_lib import prefix_values
+
+    values = [prefix_values(a) for a in adapters]
+    acc = sum(v.double() * w for v, w in zip(values, weights, strict=True))
+    spec = adapters[0].spec
+    out_spec = PrefixSpec(num_virtual_tokens=spec.num_virtual_tokens, width=spec.width, num_layers=spec.num_layers,
+                          num_kv_heads=spec.num_kv_heads, token_dim=spec.token_dim, layout="peft")
+    return Adapter(kind="prefix", spec=out_spec, tensors=Tensors({"prompt_embeddings": acc.to(values[0].dtype)}),
+                   base=_base(adapters), extra={"blend": {"method": "linear"}})
+
+
+# --- entry points ----------------------------------------------------------------------------------
+
+
+def blend(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, method: str = "linear",
+          **options: Any) -> Adapter:
+    """Blend adapters of one kind with per-adapter weights (negative weights negate a task).
+
+    The compatibility check runs first; an incompatible set raises its report. The result's
+    ``extra["blend"]`` records the method, options and, where factors were truncated, each
+    module's relative Frobenius error.
+
+    Example:
+        >>> merged = blend([a, b], [0.7, 0.3], "svd", rank=16)      # doctest: +SKIP
+        >>> merged.extra["blend"]["relative_error"]                 # doctest: +SKIP
+        {'model.layers.0.self_attn.q_proj': 0.0123, ...}
+
+    Raises:
+        BlendError: unknown method (the message lists the valid ones), wrong options or weights.
+        CompatibilityError: the adapters do not fit together.
+    """
+    if method not in METHODS:
+        raise BlendError(f"unknown blend method {method!r}; choose one of: {', '.join(sorted(METHODS))}.")
+    spec = METHODS[method]
+    adapters = list(adapters)
+    if not adapters:
+        raise BlendError("blend needs at least one adapter.")
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise BlendError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s); give one weight per adapter.")
+    if not all(math.isfinite(w) for w in weights):
+        raise BlendError("weights must be finite numbers.")
+    unknown = set(options) - set(spec.options)
+    if unknown:
+        raise BlendError(f"method {method!r} takes no option(s) {', '.join(sorted(unknown))}; it takes: "
+                         f"{', '.join(spec.options) or 'none'}.")
+    kind = adapters[0].kind
+    if kind not in spec.kinds:
+        raise BlendError(f"method {method!r} does not blend {kind} adapters; for {kind} use: "
+                         f"{', '.join(sorted(n for n, m in METHODS.items() if kind in m.kinds))}.")
+    check_composable(adapters, mode="blend").raise_for_errors()
+    result = spec.fn(adapters, weights, **options)
+    info = dict(result.extra.get("blend") or {})
+    info.update({"weights": weights, "options": options})
+    return result.replace(extra={**result.extra, "blend": info})
+
+
+def stack(adapters: Sequence[Adapter]) -> Adapter:
+    """Several adapters active at once, as one: LoRA = sum of deltas, IA3 = elementwise product of the
+    scaling vectors, prefix = concatenation along the virtual-token axis. Bottleneck adapters stack
+    sequentially at run time only and are refused here."""
+    import torch
+
+    adapters = list(adapters)
+    check_composable(adapters, mode="stack").raise_for_errors()
+    kind = adapters[0].kind
+    if kind == "lora":
+        out = linear(adapters, [1.0] * len(adapters))
+        return out.replace(extra={"blend": {"method": "stack"}})
+    if kind == "ia3":
+        vectors: dict[str, torch.Tensor] = {}
+        for a in adapters:
+            for m in a.modules():
+                name = a.module_tensors(m)["ia3_l"]
+                v = a.tensors[name].double()
+                vectors[name] = vectors[name] * v if name in vectors else v
+        dtype = adapters[0].tensors[next(iter(adapters[0].tensors))].dtype
+        ff = sorted({m for a in adapters for m in a.modules() if a.spec.is_feedforward(m)})
+        spec = IA3Spec(target_modules=None, feedforward_modules=tuple(ff),
+                       fan_in_fan_out=adapters[0].spec.fan_in_fan_out)
+        return Adapter(kind="ia3", spec=spec, tensors=Tensors({k: v.to(dtype) for k, v in vectors.items()}),
+                       base=_base(adapters), extra={"blend": {"method": "stack"}})
+    if kind == "prefix":
+        from adapterhub.formats.adapters_lib import prefix_values
+
+        values = torch.cat([prefix_values(a) for a in adapters], dim=0)
+        s = adapters[0].spec
+        spec = PrefixSpec(num_virtual_tokens=values.shape[0], width=s.width, num_layers=s.num_layers,
+                          num_kv_heads=s.num_kv_heads, token_dim=s.token_dim, layout="peft")
+        return Adapter(kind="prefix", spec=spec, tensors=Tensors({"prompt_embeddings": values.contiguous()}),
+                       base=_base(adapters), extra={"blend": {"method": "stack"}})
+    raise BlendError("bottleneck adapters stack sequentially and only at run time; blend them instead.")
