@@ -423,6 +423,81 @@ def reindex(reg: _LazyRegistry) -> None:
     click.echo("index rebuilt")
 
 
+# --- compose -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("sources", nargs=-1)
+@click.option("--weights", help="Comma-separated weights, one per source (default: all 1). Negative negates a task.")
+@click.option("--method", default="linear", show_default=True,
+              help="linear, cat, svd, ties, dare_linear, dare_ties or magnitude_prune.")
+@click.option("--rank", type=int, help="Target rank (svd, ties, dare_*, magnitude_prune).")
+@click.option("--density", type=float, help="Fraction of values kept (ties, dare_*, magnitude_prune).")
+@click.option("--seed", type=int, help="Seed of the random drops (dare_*).")
+@click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False, path_type=str),
+              help="Blend exactly what this recipe file says (instead of SOURCES and options).")
+@click.option("--save-recipe", type=click.Path(dir_okay=False, path_type=str), help="Also write the recipe here.")
+@click.option("--push", "push_target", metavar="NAME[@VERSION]", help="Push the result with its lineage.")
+@click.option("-o", "--output", type=click.Path(path_type=str), help="Write the result to this directory.")
+@click.option("--format", "fmt", type=click.Choice(["peft", "adapters", "adapterhub"]), default="peft",
+              show_default=True, help="Format for -o.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@allow_pickle_option
+@pass_registry
+def blend(reg: _LazyRegistry, sources: tuple[str, ...], weights: str | None, method: str, rank: int | None,
+          density: float | None, seed: int | None, recipe_file: str | None, save_recipe: str | None,
+          push_target: str | None, output: str | None, fmt: str, force: bool, allow_pickle: bool) -> None:
+    """Blend SOURCES (registry references or adapter directories) into one adapter.
+
+    Compatibility is checked before any math; incompatible inputs print the check's report.
+    """
+    from adapterhub.recipe import Recipe, load_sources, run_recipe
+
+    if (push_target is None) == (output is None):
+        raise click.UsageError("give exactly one of --push NAME[@VERSION] or -o DIR")
+    if recipe_file and sources:
+        raise click.UsageError("give SOURCES or --recipe, not both")
+    if not recipe_file and not sources:
+        raise click.UsageError("give at least one SOURCE, or --recipe FILE")
+    registry = None
+    needs_registry = push_target is not None or recipe_file is not None or any(not Path(s).is_dir() for s in sources)
+    if needs_registry:
+        registry = reg.get()
+    with _errors():
+        if recipe_file:
+            recipe = Recipe.load(recipe_file)
+        else:
+            w = [1.0] * len(sources)
+            if weights:
+                try:
+                    w = [float(x) for x in weights.split(",")]
+                except ValueError as e:
+                    raise click.BadParameter(f"{weights!r} is not a comma-separated list of numbers",
+                                             param_hint="--weights") from e
+            options = {k: v for k, v in (("rank", rank), ("density", density)) if v is not None}
+            _, pinned = load_sources(list(sources), registry, allow_pickle=allow_pickle)
+            recipe = Recipe(pinned, w, method, options, seed)
+        result = run_recipe(recipe, registry, allow_pickle=allow_pickle)
+        errors = (result.extra.get("blend") or {}).get("relative_error") or {}
+        if errors:
+            worst = max(errors, key=errors.get)
+            click.echo(f"truncation: relative error max {errors[worst]:.3g} ({worst}), "
+                       f"mean {sum(errors.values()) / len(errors):.3g} over {len(errors)} modules", err=True)
+        if save_recipe:
+            recipe.save(save_recipe)
+        if push_target:
+            parents = [{"ref": s.get("ref") or s["path"], "digest": s["digest"], "weight": w}
+                       for s, w in zip(recipe.sources, recipe.weights, strict=True)]
+            pushed = registry.push(result, push_target, parents=parents, recipe=recipe.to_dict(),
+                                   description=f"{recipe.method} blend of {len(parents)} adapters")
+            click.echo(f"{pushed.ref} {pushed.digest}")
+        else:
+            from adapterhub.formats import write_adapter
+
+            path = write_adapter(result, output, format=fmt, overwrite=force)
+            click.echo(f"wrote {recipe.method} blend to {path}")
+
+
 def main() -> None:
     """Console entry point."""
     cli(prog_name="adapterhub")

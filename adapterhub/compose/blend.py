@@ -342,13 +342,13 @@ def _prefix_average(adapters: Sequence[Adapter], weights: Sequence[float]) -> Ad
 # --- entry points ----------------------------------------------------------------------------------
 
 
-def blend(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, method: str = "linear",
-          **options: Any) -> Adapter:
+def blend(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, method: str = "linear", *,
+          labels: Sequence[str] | None = None, **options: Any) -> Adapter:
     """Blend adapters of one kind with per-adapter weights (negative weights negate a task).
 
     The compatibility check runs first; an incompatible set raises its report. The result's
     ``extra["blend"]`` records the method, options and, where factors were truncated, each
-    module's relative Frobenius error.
+    module's relative Frobenius error. ``labels`` name the adapters in error reports.
 
     Example:
         >>> merged = blend([a, b], [0.7, 0.3], "svd", rank=16)      # doctest: +SKIP
@@ -378,21 +378,21 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, m
     if kind not in spec.kinds:
         raise BlendError(f"method {method!r} does not blend {kind} adapters; for {kind} use: "
                          f"{', '.join(sorted(n for n, m in METHODS.items() if kind in m.kinds))}.")
-    check_composable(adapters, mode="blend").raise_for_errors()
+    check_composable(adapters, mode="blend", names=labels).raise_for_errors()
     result = spec.fn(adapters, weights, **options)
     info = dict(result.extra.get("blend") or {})
     info.update({"weights": weights, "options": options})
     return result.replace(extra={**result.extra, "blend": info})
 
 
-def stack(adapters: Sequence[Adapter]) -> Adapter:
+def stack(adapters: Sequence[Adapter], *, labels: Sequence[str] | None = None) -> Adapter:
     """Several adapters active at once, as one: LoRA = sum of deltas, IA3 = elementwise product of the
     scaling vectors, prefix = concatenation along the virtual-token axis. Bottleneck adapters stack
     sequentially at run time only and are refused here."""
     import torch
 
     adapters = list(adapters)
-    check_composable(adapters, mode="stack").raise_for_errors()
+    check_composable(adapters, mode="stack", names=labels).raise_for_errors()
     kind = adapters[0].kind
     if kind == "lora":
         out = linear(adapters, [1.0] * len(adapters))

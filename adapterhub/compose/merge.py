@@ -1,0 +1,163 @@
+"""Folding adapters into base weights: W' = W + sum_i w_i s_i B_i A_i (LoRA), W' = W * l (IA3).
+
+Each base tensor is folded on its own (so a checkpoint can be streamed tensor by tensor):
+accumulated in float32 with ``addmm_`` (no ``out x in`` temporary per adapter), checked for
+NaN/Inf, and rounded once to the base dtype. Prefix tuning and bottleneck adapters add new
+computation rather than changing weights; they cannot be folded and are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from adapterhub.adapter import Adapter
+from adapterhub.base import BaseCheckpoint
+from adapterhub.compose.checks import check_adapter
+from adapterhub.errors import AdapterHubError
+from adapterhub.tensorfile import load_tensor
+
+if TYPE_CHECKING:
+    import torch
+
+
+class MergeError(AdapterHubError, ValueError):
+    """Adapters could not be folded into the base (unfoldable kind, non-finite result)."""
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One adapter module's contribution to one base tensor."""
+
+    adapter: int  # index into the plan's adapters
+    module: str
+    weight: float
+    role: str  # "lora", "lora_embedding", "lora_bias", "dora", "ia3", "replace"
+
+
+@dataclass
+class MergePlan:
+    """Which adapter modules fold into which base tensors; built once, applied tensor by tensor."""
+
+    adapters: list[Adapter]
+    weights: list[float]
+    folds: dict[str, list[Fold]] = field(default_factory=dict)
+
+    def touches(self, name: str) -> bool:
+        return name in self.folds
+
+
+def plan_merge(base: BaseCheckpoint, adapters: Sequence[Adapter], weights: Sequence[float] | None = None, *,
+               strict_identity: bool = False) -> MergePlan:
+    """Check every adapter against the base and map its modules to base tensor names.
+
+    Raises:
+        CompatibilityError: an adapter does not fit the base (with its report).
+        MergeError: an adapter kind that cannot be folded, or DoRA mixed with other adapters on a module.
+    """
+    adapters = list(adapters)
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise MergeError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s).")
+    plan = MergePlan(adapters, weights)
+    for i, a in enumerate(adapters):
+        label = str(a.source or a.name or f"adapter #{i}")
+        if a.kind in ("prefix", "bottleneck"):
+            what = "prefix tuning adds virtual tokens" if a.kind == "prefix" else "bottleneck adapters add layers"
+            raise MergeError(f"{label}: {what} and cannot be folded into base weights.\n"
+                             "  fix: serve it as an adapter (PEFT / the `adapters` library), or export with "
+                             "--keep-unmerged to write it beside the merged checkpoint.")
+        if a.kind == "ia3" and weights[i] != 1.0:
+            raise MergeError(f"{label}: an IA3 adapter folds as a product; weight it with blend() first.")
+        report = check_adapter(a, base, subject=label, strict_identity=strict_identity)
+        report.raise_for_errors()
+        for m in a.modules():
+            target = report.resolved[m]
+            names = a.module_tensors(m)
+            if a.kind == "ia3":
+                plan.folds.setdefault(target, []).append(Fold(i, m, weights[i], "ia3"))
+                continue
+            role = "lora_embedding" if "lora_embedding_A" in names else "lora"
+            if "lora_magnitude_vector" in names:
+                role = "dora"
+                if a.spec.fan_in_fan_out:
+                    raise MergeError(f"{label}: DoRA with fan_in_fan_out cannot be folded yet.")
+            plan.folds.setdefault(target, []).append(Fold(i, m, weights[i], role))
+            if "lora_B.bias" in names:
+                bias = target[: -len(".weight")] + ".bias"
+                if bias not in base.tensors:
+                    raise MergeError(f"{label}: {m} has a LoRA bias but the base has no {bias} to fold it into.")
+                plan.folds.setdefault(bias, []).append(Fold(i, m, weights[i], "lora_bias"))
+        for name in a.carried():
+            plan.folds.setdefault(report.resolved[name], []).append(Fold(i, name, weights[i], "replace"))
+    for target, folds in plan.folds.items():
+        if any(f.role == "dora" for f in folds) and len(folds) > 1:
+            raise MergeError(f"{target}: a DoRA adapter renormalises the whole weight; it cannot be folded together "
+                             "with other adapters on the same module.")
+        if sum(f.role == "replace" for f in folds) > 1:
+            raise MergeError(f"{target}: two adapters carry a full copy of it (modules_to_save); merge them "
+                             "separately.")
+        # a carried copy (e.g. PEFT's saved embedding base layer) replaces the weight before deltas apply
+        folds.sort(key=lambda f: f.role != "replace")
+    return plan
+
+
+def fold(name: str, weight: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """The base tensor ``name`` with every planned contribution folded in (float32, rounded once)."""
+    import torch
+
+    folds = plan.folds.get(name)
+    if not folds:
+        return weight
+    out_dtype = weight.dtype
+    w = weight.to(torch.float32, copy=True)
+    for f in folds:
+        a = plan.adapters[f.adapter]
+        t = a.tensors
+        names = a.module_tensors(f.module) if f.role != "replace" else {}
+        if f.role == "replace":
+            w = t[f.module].to(torch.float32)
+            continue
+        if f.role == "ia3":
+            vec = t[names["ia3_l"]].to(torch.float32)
+            w.mul_(vec.T if a.spec.fan_in_fan_out else vec)
+            continue
+        scale = a.spec.scale(f.module) * f.weight
+        if f.role == "lora_bias":
+            w.add_(t[names["lora_B.bias"]].to(torch.float32), alpha=scale)
+            continue
+        if f.role == "lora_embedding":
+            A, B = t[names["lora_embedding_A"]].to(torch.float32), t[names["lora_embedding_B"]].to(torch.float32)
+            w.addmm_(A.T, B.T, alpha=scale)  # (vocab x r) @ (r x dim)
+            continue
+        A, B = t[names["lora_A"]].to(torch.float32), t[names["lora_B"]].to(torch.float32)
+        if w.dim() != 2:
+            raise MergeError(f"{name}: folding LoRA into a {w.dim()}-d weight (convolution) is not supported.")
+        if a.spec.fan_in_fan_out:
+            w.addmm_(A.T, B.T, alpha=scale)
+        else:
+            w.addmm_(B, A, alpha=scale)
+        if f.role == "dora":
+            magnitude = t[names["lora_magnitude_vector"]].to(torch.float32)
+            norm = torch.linalg.vector_norm(w, dim=1)
+            w.mul_((magnitude / norm).unsqueeze(1))
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        sources = sorted({str(plan.adapters[f.adapter].source or plan.adapters[f.adapter].name) for f in folds})
+        raise MergeError(f"folding into {name} gives {bad} NaN/Inf value(s) (from {', '.join(sources)}).\n"
+                         "  fix: check the adapter's weights and the blend weights; nothing was written.")
+    return w.to(out_dtype)
+
+
+def merge_into(base: BaseCheckpoint, adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
+               ) -> dict[str, torch.Tensor]:
+    """Every base tensor with the adapters folded in, as a state dict (loads the whole base: for large
+    models, stream with :func:`plan_merge` and :func:`fold` per tensor instead)."""
+    plan = plan_merge(base, adapters, weights)
+    return {name: fold(name, load_tensor(info), plan) for name, info in sorted(base.tensors.items())}
+
+
+def merge_state_dict(state: Mapping[str, torch.Tensor], plan: MergePlan) -> dict[str, torch.Tensor]:
+    """Apply a plan to tensors already in memory."""
+    return {name: fold(name, t, plan) for name, t in state.items()}
