@@ -85,9 +85,9 @@ def parse_ref(text: str) -> Ref:
 
 def check_target(target: str) -> tuple[str, str | None]:
     """Validate a push target ``NAME[@VERSION]``; returns (name, version or None)."""
-    name, _, version = target.partition("@")
+    name, sep, version = target.partition("@")
     check_name(name)
-    if version:
+    if sep:
         check_label(version, "version")
         if version == LATEST or version.startswith("sha256"):
             raise InvalidReferenceError(f"'{version}' cannot be a version name.", ref=target)

@@ -177,7 +177,7 @@ class Registry:
                     raise RegistryError(f"{self.root} is a registry of format {doc!r}; this adapterhub reads "
                                         f"{FORMAT_NAME} v{FORMAT_VERSION}.")
                 return
-            layout = ("blobs", "refs", "locks", "tmp", "snapshots", "index.sqlite")
+            layout = ("blobs", "refs", "locks", "tmp", "snapshots", "index.sqlite", "registry.json")
             if self.root.exists() and any(p.name not in layout and not p.name.startswith("index.sqlite")
                                           for p in self.root.iterdir()):
                 raise RegistryError(f"{self.root} exists, is not empty and is not an adapterhub registry.\n"
@@ -430,6 +430,8 @@ class Registry:
         check_label(tag, "tag")
         if tag.startswith("sha256"):
             raise InvalidReferenceError(f"tag '{tag}' would read as a digest.", ref=tag)
+        if is_integer_version(tag):
+            raise InvalidReferenceError(f"tag '{tag}' is a number; numbers are reserved for versions.", ref=tag)
         return tag
 
     def _commit(self, name: str, version: str | None, content: dict[str, Any], adapter: Adapter, *,
@@ -463,9 +465,10 @@ class Registry:
             }
             digest = self.store.put_bytes(canonical_json(manifest))
             index.mark_dirty(name)
+            # newest first: if the ref is never created, _newest() falls back to creation times
+            self.store.replace_doc(self._key(name, "newest"), version + "\n")
             if not self.store.create_doc(self._key(name, "versions", version), digest + "\n"):
                 raise VersionExistsError(f"{name}@{version} was created concurrently.", ref=f"{name}@{version}")
-            self.store.replace_doc(self._key(name, "newest"), version + "\n")
             for t in tags:
                 self.store.replace_doc(self._key(name, "tags", t), version + "\n")
             self._refresh(name)
@@ -477,13 +480,14 @@ class Registry:
         """Point ``tag`` at the version ``ref`` names (moving it if it exists)."""
         self._check_tag(tag)
         res = self.resolve(ref)
-        with self._name_lock(res.name):
+        index = self.index  # refreshes dirty names, which takes name locks: before taking ours
+        with self._gc_shared(), self._name_lock(res.name):
             versions = self._versions(res.name)
             if tag in versions:
                 raise InvalidReferenceError(f"'{tag}' is a version of '{res.name}', it cannot be a tag.", ref=tag)
             if res.version not in versions:
                 raise NotFoundError(f"{res.ref} was removed meanwhile.", ref=res.ref)
-            self.index.mark_dirty(res.name)
+            index.mark_dirty(res.name)
             self.store.replace_doc(self._key(res.name, "tags", tag), res.version + "\n")
             self._refresh(res.name)
         return res
@@ -491,14 +495,15 @@ class Registry:
     def untag(self, name: str, tag: str) -> None:
         """Remove a tag (``latest`` then follows the newest push again)."""
         check_name(name)
-        self._check_tag(tag)
-        with self._name_lock(name):
+        check_label(tag, "tag")
+        index = self.index
+        with self._gc_shared(), self._name_lock(name):
             if tag not in self._explicit_tags(name):
                 if tag == LATEST:
                     raise NotFoundError(f"'{name}@latest' is not pinned; it already follows the newest push.",
                                         ref=f"{name}@{tag}")
                 raise NotFoundError(f"'{name}' has no tag '{tag}'.", ref=f"{name}@{tag}")
-            self.index.mark_dirty(name)
+            index.mark_dirty(name)
             self.store.delete_doc(self._key(name, "tags", tag))
             self._refresh(name)
 
@@ -508,8 +513,9 @@ class Registry:
         if r.label is None and r.digest is None:
             raise InvalidReferenceError(f"say which version of '{r.name}' to remove: {r.name}@VERSION.", ref=ref)
         res = self.resolve(r)
-        with self._name_lock(res.name):
-            self.index.mark_dirty(res.name)
+        index = self.index
+        with self._gc_shared(), self._name_lock(res.name):
+            index.mark_dirty(res.name)
             for t, v in self._explicit_tags(res.name).items():
                 if v == res.version:
                     self.store.delete_doc(self._key(res.name, "tags", t))
@@ -546,7 +552,7 @@ class Registry:
                 self._verified_blob("sha256:" + f["sha256"], res.ref, None)
         if snap.is_dir():
             return snap
-        with os_errors("creating a snapshot"):
+        with os_errors("creating a snapshot"), self._gc_shared():
             tmp = Path(self._mkdtemp("snap-"))
             for f in manifest["files"]:
                 dest = tmp / _safe_rel(f["path"])
@@ -627,8 +633,10 @@ class Registry:
                 keep.add(d)
                 try:
                     manifest = self._manifest(d, f"{name}@{v}")
-                except (IntegrityError, NotFoundError):
-                    continue
+                except (IntegrityError, NotFoundError) as e:
+                    raise RegistryError(f"gc refuses to run: the manifest of {name}@{v} cannot be read, so the "
+                                        f"files it names are unknown.\n  {e}\n  fix: `adapterhub rm {name}@{v}` "
+                                        "(or restore the manifest), then gc again.") from e
                 keep.update("sha256:" + f["sha256"] for f in manifest.get("files", []))
         return keep, count
 
@@ -647,14 +655,22 @@ class Registry:
         plan = GcPlan(self)
         for digest in self.store.list_blobs():
             if digest not in keep:
+                try:
+                    plan.expected_freed_size += self.store.blob_path(digest).stat().st_size
+                except FileNotFoundError:  # removed by a concurrent gc
+                    continue
                 plan.blobs.append(digest)
-                plan.expected_freed_size += self.store.blob_path(digest).stat().st_size
         snaps = self.root / "snapshots"
         if snaps.is_dir():
             plan.snapshots = [p for p in sorted(snaps.iterdir()) if f"sha256:{p.name}" not in keep]
         if self.store.tmp.is_dir():
             now = time.time()
-            plan.temp = [p for p in sorted(self.store.tmp.iterdir()) if now - p.lstat().st_mtime >= temp_grace]
+            for p in sorted(self.store.tmp.iterdir()):
+                try:
+                    if now - p.lstat().st_mtime >= temp_grace:
+                        plan.temp.append(p)
+                except FileNotFoundError:
+                    continue
         return plan
 
     def _gc_execute(self, plan: GcPlan) -> int:
@@ -713,8 +729,9 @@ class Registry:
                                               "referenced by no version; `adapterhub gc` removes it"))
         if self.store.tmp.is_dir():
             for p in sorted(self.store.tmp.iterdir()):
-                problems.append(VerifyProblem("orphan", "staging", str(p),
-                                              "left by an interrupted operation; `adapterhub gc` removes it"))
+                problems.append(VerifyProblem(
+                    "orphan", "staging", str(p),
+                    "left by an interrupted operation; `adapterhub gc` removes it once an hour old"))
         indexed = {(i.name, i.version, i.digest) for i in self.list()}
         actual = {(n, v, d) for n in self.names() for v, d in self._versions(n).items()}
         if indexed != actual:

@@ -1,0 +1,1062 @@
+"""The versioned registry: on-disk format, references, location, pull, verify/gc, index, crash safety,
+concurrency and storage errors. Everything runs on real adapter directories in tmp_path.
+
+The crash and race tests run tests/registry_worker.py in subprocesses (see its docstring).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ADAPTERS_LIB, load_base, make_llama, peft_outputs, perturb_
+from peft import LoraConfig
+from safetensors.torch import load_file
+
+import adapterhub
+from adapterhub.errors import (
+    AdapterHubError,
+    IntegrityError,
+    InvalidReferenceError,
+    NotFoundError,
+    PickleRefusedError,
+    RegistryError,
+    StorageError,
+    VersionExistsError,
+)
+from adapterhub.formats import detect, read_adapter
+from adapterhub.registry import Registry
+from adapterhub.registry.registry import canonical_json
+
+WORKER = Path(__file__).with_name("registry_worker.py")
+LLAMA_BASE = ADAPTERS_LIB / "tiny_llama_base"
+MINILM_LORA = ADAPTERS_LIB / "minilm_lora"
+LLAMA_LORA = ADAPTERS_LIB / "llama_lora"
+IS_ROOT = os.geteuid() == 0
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def blob_path(root: Path, digest: str) -> Path:
+    hexd = digest.removeprefix("sha256:")
+    return root / "blobs" / "sha256" / hexd[:2] / hexd[2:]
+
+
+def blob_files(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "blobs" / "sha256").rglob("*") if p.is_file())
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Every entry below root with what would show a write: type, size, mode, mtime."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        out[p.relative_to(root).as_posix()] = (p.is_dir(), st.st_size, st.st_mode, st.st_mtime_ns)
+    return out
+
+
+def disk_refs(root: Path) -> dict[tuple[str, str], str]:
+    """(name, version) -> manifest digest, read straight from the ref files (no registry code)."""
+    out = {}
+    refs = root / "refs"
+    for vfile in sorted(refs.glob("*/*/versions/*")):
+        ns, short = vfile.parent.parent.parent.name, vfile.parent.parent.name
+        name = short if ns == "_" else f"{ns}/{short}"
+        out[(name, vfile.name)] = vfile.read_text().strip()
+    return out
+
+
+def check_version_on_disk(root: Path, name: str, version: str, digest: str) -> dict:
+    """Manifest and every file blob present and hashing to their names; returns the manifest."""
+    mpath = blob_path(root, digest)
+    assert sha256_file(mpath) == digest, f"{name}@{version}: manifest blob does not hash to its name"
+    manifest = json.loads(mpath.read_bytes())
+    assert (manifest["name"], manifest["version"]) == (name, version)
+    for f in manifest["files"]:
+        b = blob_path(root, "sha256:" + f["sha256"])
+        assert b.is_file(), f"{name}@{version}: blob of {f['path']} missing"
+        assert b.stat().st_size == f["size"]
+        assert sha256_file(b) == "sha256:" + f["sha256"], f"{name}@{version}: {f['path']} corrupt"
+    return manifest
+
+
+def dir_hashes(d: Path) -> dict[str, str]:
+    return {p.relative_to(d).as_posix(): sha256_file(p) for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def corrupt_blob(path: Path, offset: int | None = None) -> None:
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def file_blob(reg: Registry, ref: str, rel: str) -> Path:
+    f = next(f for f in reg.manifest(ref)["files"] if f["path"] == rel)
+    return blob_path(reg.root, "sha256:" + f["sha256"])
+
+
+def hand_made_version(reg: Registry, name: str, from_version: str, version: str, *, mark_dirty: bool = True) -> str:
+    """Write a complete version the way a push does up to its commit point (manifest blob, dirty mark in the
+    index, version ref) and stop there: what a push killed right after creating the ref leaves behind."""
+    if mark_dirty:
+        reg.index.mark_dirty(name)
+    manifest = dict(reg.manifest(f"{name}@{from_version}"))
+    manifest["version"] = version
+    manifest["created_at"] = "2999-01-01T00:00:00.000000Z"
+    digest = reg.store.put_bytes(canonical_json(manifest))
+    ns, _, short = name.rpartition("/")
+    ref = reg.root / "refs" / (ns or "_") / short / "versions" / version
+    ref.write_text(digest + "\n")
+    return digest
+
+
+def raw_index(root: Path, sql: str) -> list[tuple]:
+    """Query index.sqlite directly, bypassing the registry (whose index property repairs on access)."""
+    import sqlite3
+
+    db = sqlite3.connect(root / "index.sqlite")
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def run_worker(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(WORKER), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def unwritable(path: Path):
+    """Make a directory refuse new entries even for root: chmod 0555 as a user, chattr +i as root."""
+    if IS_ROOT:
+        if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+            pytest.skip("running as root and chattr +i is not available on this file system")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        mode = path.stat().st_mode
+        os.chmod(path, 0o555)
+        try:
+            yield
+        finally:
+            os.chmod(path, mode)
+
+
+@pytest.fixture(scope="module")
+def big_adapter(tmp_path_factory) -> Path:
+    """A real PEFT LoRA (r=128 on every linear of a 256-wide Llama) with a ~4 MB adapter_model.safetensors."""
+    from peft import get_peft_model
+
+    model = make_llama(0, hidden_size=256, intermediate_size=512)
+    peft_model = get_peft_model(model, LoraConfig(r=128, lora_alpha=16, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    perturb_(peft_model, 11)
+    out = tmp_path_factory.mktemp("big") / "adapter"
+    peft_model.save_pretrained(out)
+    assert 4_000_000 <= (out / "adapter_model.safetensors").stat().st_size <= 8_000_000
+    return out
+
+
+@pytest.fixture
+def minilm_plus(tmp_path) -> Path:
+    """minilm_lora plus one extra file: shares both of minilm_lora's files, adds one of its own."""
+    d = tmp_path / "minilm_plus"
+    shutil.copytree(MINILM_LORA, d)
+    (d / "NOTES.txt").write_text("trained for 3 epochs\n" * 50)
+    return d
+
+
+# --- 1. on-disk format ---------------------------------------------------------------------------
+
+
+def test_blobs_are_content_addressed_read_only_and_stored_once(tmp_path):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    a1 = reg.push(MINILM_LORA, "team/a")
+    b1 = reg.push(MINILM_LORA, "b")
+    a2 = reg.push(MINILM_LORA, "team/a")
+    assert (a1.version, a2.version, b1.version) == ("1", "2", "1")
+    assert len({a1.digest, a2.digest, b1.digest}) == 3, "each version has its own manifest"
+
+    blobs = blob_files(root)
+    n_files = len([p for p in MINILM_LORA.iterdir() if p.is_file()])
+    assert len(blobs) == n_files + 3, "shared files must be stored once, plus one manifest per version"
+    for p in blobs:
+        assert p.parent.parent == root / "blobs" / "sha256"
+        assert len(p.parent.name) == 2 and len(p.name) == 62
+        assert sha256_file(p) == f"sha256:{p.parent.name}{p.name}", f"{p} does not hash to its name"
+        assert p.stat().st_mode & 0o777 == 0o444, f"{p} is not read-only"
+    for f in MINILM_LORA.iterdir():
+        assert blob_path(root, sha256_file(f)).is_file()
+
+    before = blob_files(root)
+    reg.push(LLAMA_LORA, "team/c")
+    added = set(blob_files(root)) - set(before)
+    assert len(added) == len([p for p in LLAMA_LORA.iterdir() if p.is_file()]) + 1
+
+
+def test_manifest_digest_fields_and_ref_file(tmp_path, minilm_dir):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    parents = [{"name": "team/x", "version": "1", "digest": "sha256:" + "a" * 64}]
+    recipe = {"op": "linear", "weights": [0.5, 0.5]}
+    res = reg.push(MINILM_LORA, "team/sent@1.0", tags=["stable"], description="a minilm lora",
+                   metrics={"acc": 0.91, "f1": {"macro": 0.88}}, base=minilm_dir, parents=parents, recipe=recipe)
+    assert res.created and (res.name, res.version) == ("team/sent", "1.0")
+
+    mpath = blob_path(root, res.digest)
+    raw = mpath.read_bytes()
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == res.digest
+    assert (root / "refs" / "team" / "sent" / "versions" / "1.0").read_text().strip() == res.digest
+    m = json.loads(raw)
+    assert m == res.manifest == reg.manifest("team/sent@1.0") == reg.show("team/sent")["manifest"]
+
+    assert m["kind"] == "lora" and m["format"] == "adapters"
+    assert m["spec"]["r"] == 8 and m["spec"]["alpha"] == 16
+    assert m["base"]["name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert set(m["base"]) >= {"name_or_path", "revision", "fingerprint"}
+    assert m["base"]["fingerprint"], "pushing with base= records the base's fingerprint"
+    want_files = {p.name: (sha256_file(p).removeprefix("sha256:"), p.stat().st_size)
+                  for p in MINILM_LORA.iterdir() if p.is_file()}
+    assert {f["path"]: (f["sha256"], f["size"]) for f in m["files"]} == want_files
+    created = datetime.fromisoformat(m["created_at"].replace("Z", "+00:00"))
+    assert abs((datetime.now(created.tzinfo) - created).total_seconds()) < 120
+    assert m["description"] == "a minilm lora"
+    assert m["tags"] == ["stable"]
+    assert m["metrics"] == {"acc": 0.91, "f1": {"macro": 0.88}}
+    assert m["parents"] == parents and m["recipe"] == recipe
+
+    by_digest = reg.resolve(f"team/sent@{res.digest}")
+    assert (by_digest.version, by_digest.digest) == ("1.0", res.digest)
+    assert reg.resolve("team/sent@stable").digest == res.digest
+
+
+def test_latest_follows_newest_push_unless_moved(tmp_path, minilm_plus):
+    reg = Registry(tmp_path / "reg")
+    v1 = reg.push(MINILM_LORA, "x")
+    assert reg.resolve("x").version == reg.resolve("x@latest").version == "1"
+    v2 = reg.push(minilm_plus, "x")
+    assert reg.resolve("x").version == "2" and reg.resolve("x").digest == v2.digest
+    reg.tag("x@1", "latest")
+    assert reg.resolve("x").digest == v1.digest
+    reg.push(LLAMA_LORA, "x")
+    assert reg.resolve("x").version == "1", "a pinned latest does not move on push"
+    assert [i.version for i in reg.list(tag="latest")] == ["1"]
+    reg.untag("x", "latest")
+    assert reg.resolve("x").version == "3", "untagged, latest follows the newest push again"
+    assert [i.version for i in reg.list(tag="latest")] == ["3"]
+    with pytest.raises(NotFoundError):
+        reg.untag("x", "latest")
+    reg.rm("x@3")
+    assert reg.resolve("x").version == "2"
+
+
+def test_a_push_that_fails_after_its_blobs_leaves_no_version_and_latest_intact(tmp_path, minilm_plus):
+    """The name's directory refuses writes (so `newest` cannot be updated): the push must fail with a
+    StorageError and leave no version behind; a version that exists although its push failed, and that
+    `latest` does not name, is exactly the half-done push the issue forbids."""
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.push(MINILM_LORA, "x")
+    reg.push(minilm_plus, "x")
+    reg.close()
+    before = disk_refs(root)
+    with unwritable(root / "refs" / "_" / "x"), pytest.raises(StorageError) as e:
+        Registry(root).push(LLAMA_LORA, "x")
+    assert "fix:" in str(e.value)
+    fresh = Registry(root)
+    assert fresh.verify().ok
+    newest = max(int(v) for n, v in disk_refs(root) if n == "x")
+    assert fresh.resolve("x").version == str(newest), "latest must name the newest complete version"
+    assert disk_refs(root) == before, "the failed push left a version behind"
+
+
+# --- 2. references -------------------------------------------------------------------------------
+
+BAD_TARGETS = ["../x", "/abs", "a\\b", "Team/x", "a//b", "\uff41", "", "a/b/c", "ns/", "/x", "x/", "x@..",
+               "x@sha256:12", "x@", "x@1@2", "x@latest", "x@LATEST", "x@sha256:" + "0" * 64, ".x", "-x", "x/..",
+               "ns/.hidden", "x\n", " x", "x ", "a" * 65, "te\u0430m/x", "x@v/1", "x@1 ", "\u212a", "x\x00"]
+
+
+@pytest.mark.parametrize("target", BAD_TARGETS)
+def test_invalid_names_are_rejected_before_touching_disk(target, tmp_path):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.push(MINILM_LORA, "good")
+    before = tree(root)
+    with pytest.raises(InvalidReferenceError) as e:
+        reg.push(MINILM_LORA, target)
+    assert str(e.value)
+    # checked before the source is even read
+    with pytest.raises(InvalidReferenceError):
+        reg.push(tmp_path / "does-not-exist", target)
+    assert tree(root) == before, "a rejected push wrote something"
+
+
+@pytest.mark.parametrize("ref", ["../x", "/abs", "a\\b", "Team/x", "a//b", "\uff41", "", "a/b/c", "ns/",
+                                 "x@..", "x@sha256:12", "x@", "x@1@2", "good@sha256:" + "G" * 64, "x@A"])
+def test_invalid_references_are_rejected_everywhere(ref, tmp_path):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.push(MINILM_LORA, "good")
+    before = tree(root)
+    for call in (lambda: reg.resolve(ref), lambda: reg.manifest(ref), lambda: reg.show(ref),
+                 lambda: reg.rm(ref), lambda: reg.load(ref), lambda: reg.pull(ref, tmp_path / "out"),
+                 lambda: reg.tag(ref, "t"), lambda: adapterhub.load(ref, registry=root)):
+        with pytest.raises(InvalidReferenceError):
+            call()
+    assert tree(root) == before
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tag", ["../t", "T", "", "a/b", "sha256:" + "0" * 64, "t@1", "\uff54"])
+def test_invalid_tags_are_rejected_before_touching_disk(tag, tmp_path):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.push(MINILM_LORA, "good")
+    before = tree(root)
+    with pytest.raises(InvalidReferenceError):
+        reg.push(MINILM_LORA, "good", tags=[tag])
+    with pytest.raises(InvalidReferenceError):
+        reg.tag("good@1", tag)
+    with pytest.raises(InvalidReferenceError):
+        reg.untag("good", tag)
+    assert tree(root) == before
+
+
+def test_valid_reference_forms_resolve(tmp_path, minilm_plus):
+    reg = Registry(tmp_path / "reg")
+    v1 = reg.push(MINILM_LORA, "ns-1/my_name.v2")
+    v2 = reg.push(minilm_plus, "ns-1/my_name.v2", tags=["prod"])
+    rc = reg.push(LLAMA_LORA, "ns-1/my_name.v2@rc-1")
+    name = "ns-1/my_name.v2"
+    assert reg.resolve(name).version == "rc-1"
+    assert reg.resolve(f"{name}@1").digest == v1.digest
+    assert reg.resolve(f"{name}@2").digest == v2.digest
+    assert reg.resolve(f"{name}@prod").digest == v2.digest
+    assert reg.resolve(f"{name}@rc-1").digest == rc.digest
+    for r in (v1, v2, rc):
+        assert reg.resolve(f"{name}@{r.digest}").version == r.version
+    with pytest.raises(NotFoundError):
+        reg.resolve(f"{name}@sha256:" + "0" * 64)
+    with pytest.raises(NotFoundError):
+        reg.resolve(f"{name}@9")
+    with pytest.raises(NotFoundError):
+        reg.resolve("other")
+    assert reg.push(MINILM_LORA, name).version == "3", "the next integer ignores non-integer versions"
+
+
+def test_versions_number_and_identical_push_is_a_noop(tmp_path, minilm_plus):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    assert [reg.push(MINILM_LORA, "x").version for _ in range(3)] == ["1", "2", "3"]
+    first = reg.resolve("x@1")
+    before_refs, before_list = tree(root / "refs"), reg.list()
+
+    again = reg.push(MINILM_LORA, "x@1")
+    assert again.created is False and again.version == "1" and again.digest == first.digest
+    assert tree(root / "refs") == before_refs and reg.list() == before_list
+
+    with pytest.raises(VersionExistsError) as e:
+        reg.push(minilm_plus, "x@1")
+    assert "x@1" in str(e.value)
+    assert tree(root / "refs") == before_refs and reg.list() == before_list
+    assert reg.resolve("x@1").digest == first.digest
+    assert reg.verify().ok
+    assert reg.push(minilm_plus, "x").version == "4"
+
+
+# --- 3. location ---------------------------------------------------------------------------------
+
+
+def test_location_from_environment_variable(tmp_path, monkeypatch):
+    target = tmp_path / "env" / "registry"
+    monkeypatch.setenv("ADAPTERHUB_REGISTRY", str(target))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert not target.exists()
+    reg = Registry(None)
+    assert reg.root == target
+    assert (target / "registry.json").is_file(), "created on first use"
+    reg.push(MINILM_LORA, "x", tags=["t"])
+    assert adapterhub.load("x@t").kind == "lora"
+    assert Registry().resolve("x").version == "1"
+    assert not (tmp_path / "xdg").exists()
+
+
+def test_location_from_xdg_data_home_then_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("ADAPTERHUB_REGISTRY", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    reg = Registry(None)
+    assert reg.root == tmp_path / "xdg" / "adapterhub" / "registry"
+    assert (reg.root / "registry.json").is_file()
+    reg.push(MINILM_LORA, "x")
+    assert adapterhub.load("x").kind == "lora"
+
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    reg = Registry()
+    assert reg.root == tmp_path / "home" / ".local" / "share" / "adapterhub" / "registry"
+    assert (reg.root / "registry.json").is_file()
+
+
+def test_many_processes_creating_one_registry_at_once(tmp_path):
+    """First use by several processes at the same moment (e.g. jobs pushing to a fresh per-user registry):
+    each must open it; none may mistake the marker another just wrote for a foreign directory."""
+    procs, rounds = 16, 100
+    p = run_worker("init-race", str(tmp_path), str(procs), str(rounds), timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    errors = [line for line in p.stdout.splitlines() if line.startswith("ERROR")]
+    assert p.stdout.splitlines()[-1] == f"OPENS {procs * rounds}"
+    assert not errors, f"{len(errors)} of {procs * rounds} concurrent first opens failed, e.g. {errors[:3]}"
+    for k in range(rounds):
+        assert Registry(tmp_path / f"r{k}").verify().ok
+
+
+def test_refuses_a_directory_that_is_not_a_registry(tmp_path):
+    d = tmp_path / "stuff"
+    d.mkdir()
+    (d / "mine.txt").write_text("keep me")
+    with pytest.raises(RegistryError):
+        Registry(d)
+    assert [p.name for p in d.iterdir()] == ["mine.txt"]
+
+
+# --- 4. pull -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["copy", "link", "convert", "overwrite"])
+def test_pull_detects_a_corrupt_blob_and_writes_nothing(mode, tmp_path):
+    reg = Registry(tmp_path / "reg")
+    reg.push(LLAMA_LORA, "x")
+    blob = file_blob(reg, "x", "adapter.safetensors")
+    expected = "sha256:" + blob.parent.name + blob.name
+    corrupt_blob(blob)
+    actual = sha256_file(blob)
+    out_parent = tmp_path / "pulls"
+    out_parent.mkdir()
+    out = out_parent / "out"
+    if mode == "overwrite":
+        out.mkdir()
+        (out / "old.txt").write_text("previous pull")
+    with pytest.raises(IntegrityError) as e:
+        if mode == "copy":
+            reg.pull("x", out)
+        elif mode == "link":
+            reg.pull("x", out, link=True)
+        elif mode == "convert":
+            reg.pull("x", out, format="peft")
+        else:
+            reg.pull("x", out, overwrite=True)
+    err = e.value
+    assert Path(err.path) == blob and err.expected == expected and err.actual == actual
+    msg = str(err)
+    assert str(blob) in msg and expected in msg and actual in msg
+    if mode == "overwrite":
+        assert dir_hashes(out) == {"old.txt": sha256_file(out / "old.txt")}, "the previous content must survive"
+        assert [p.name for p in out_parent.iterdir()] == ["out"]
+    else:
+        assert not out.exists()
+        assert list(out_parent.iterdir()) == [], "no partial output or temp dir may be left"
+    with pytest.raises(IntegrityError):
+        reg.load("x")
+
+
+def test_pull_refuses_non_empty_directory_unless_overwrite(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    res = reg.push(MINILM_LORA, "x")
+    want = {f["path"]: "sha256:" + f["sha256"] for f in res.manifest["files"]}
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(AdapterHubError):
+        reg.pull("x", out)
+    assert dir_hashes(out) == {"keep.txt": sha256_file(out / "keep.txt")}
+    reg.pull("x", out, overwrite=True)
+    assert dir_hashes(out) == want
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    reg.pull("x", empty)
+    assert dir_hashes(empty) == want == dir_hashes(MINILM_LORA)
+
+
+def test_pulled_peft_adapter_loads_in_peft(tmp_path, llama_base, make_peft):
+    src = make_peft(llama_base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+                    seed=3)
+    reg = Registry(tmp_path / "reg")
+    res = reg.push(src, "team/peft-lora", tags=["prod"])
+    assert res.manifest["format"] == "peft"
+    out = reg.pull("team/peft-lora@prod", tmp_path / "pulled")
+    assert dir_hashes(out) == dir_hashes(src)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = load_base(llama_base)
+    want = peft_outputs(llama_base, src, ids)
+    got = peft_outputs(llama_base, out, ids, model=model)
+    assert torch.equal(got, want)
+    with torch.no_grad():
+        plain = load_base(llama_base)(input_ids=ids).logits
+    assert not torch.allclose(plain, want, atol=1e-4), "the adapter must change the output"
+
+
+@pytest.mark.parametrize("name", ["llama_lora_all", "llama_lora"])
+def test_pull_as_peft_of_an_adapters_lib_lora_loads_in_peft(name, tmp_path):
+    reg = Registry(tmp_path / "reg")
+    assert reg.push(ADAPTERS_LIB / name, "lib/lora").manifest["format"] == "adapters"
+    out = reg.pull("lib/lora", tmp_path / "as-peft", format="peft")
+    assert detect(out) == "peft"
+    ref = load_file(ADAPTERS_LIB / f"{name}.reference.safetensors")
+    got = peft_outputs(LLAMA_BASE, out, ref["input_ids"])
+    assert torch.allclose(got, ref["logits"], atol=2e-5, rtol=1e-4), (got - ref["logits"]).abs().max()
+    assert not torch.allclose(ref["logits"], ref["base_output"], atol=1e-3)
+
+
+def test_pull_link_gives_hard_links_to_the_blobs(tmp_path):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    res = reg.push(LLAMA_LORA, "x")
+    out = reg.pull("x", tmp_path / "linked", link=True)
+    assert dir_hashes(out) == dir_hashes(LLAMA_LORA)
+    for f in res.manifest["files"]:
+        blob = blob_path(root, "sha256:" + f["sha256"])
+        assert os.stat(out / f["path"]).st_ino == os.stat(blob).st_ino
+        assert os.stat(blob).st_nlink >= 2
+    copied = reg.pull("x", tmp_path / "copied")
+    for f in res.manifest["files"]:
+        assert os.stat(copied / f["path"]).st_ino != os.stat(blob_path(root, "sha256:" + f["sha256"])).st_ino
+
+
+# --- 5. verify and gc ----------------------------------------------------------------------------
+
+
+def test_verify_clean_then_corrupt_blob_is_an_error(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    reg.push(MINILM_LORA, "a")
+    reg.push(LLAMA_LORA, "team/b")
+    report = reg.verify()
+    assert report.ok and report.problems == () and report.versions == 2
+
+    blob = file_blob(reg, "team/b", "adapter.safetensors")
+    expected = "sha256:" + blob.parent.name + blob.name
+    corrupt_blob(blob, offset=100)
+    actual = sha256_file(blob)
+    report = reg.verify()
+    assert not report.ok
+    errors = [p for p in report.problems if p.severity == "error"]
+    assert len(errors) == 1
+    err = errors[0]
+    assert "team/b@1" in err.where and "adapter.safetensors" in err.where
+    assert str(blob) in err.message and expected in err.message and actual in err.message
+
+
+def test_verify_reports_a_corrupt_manifest(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    res = reg.push(MINILM_LORA, "a")
+    corrupt_blob(blob_path(reg.root, res.digest), offset=5)
+    report = Registry(reg.root).verify()
+    assert not report.ok
+    assert any(p.severity == "error" and "a@1" in p.where for p in report.problems)
+
+
+def test_gc_refuses_while_a_manifest_is_damaged(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    res = reg.push(MINILM_LORA, "a")
+    files = [blob_path(reg.root, "sha256:" + f["sha256"]) for f in reg.manifest("a")["files"]]
+    corrupt_blob(blob_path(reg.root, res.digest), offset=5)
+    with pytest.raises(RegistryError, match="gc refuses to run"):
+        Registry(reg.root).gc()
+    assert all(f.is_file() for f in files), "the damaged version's files must survive"
+
+
+def test_numeric_tags_are_refused(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    reg.push(MINILM_LORA, "a")
+    with pytest.raises(InvalidReferenceError, match="reserved for versions"):
+        reg.tag("a@1", "3")
+    assert reg.push(ADAPTERS_LIB / "minilm_lora_all", "a").version == "2"
+
+
+def test_orphans_are_listed_and_gc_removes_them(tmp_path):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.push(MINILM_LORA, "a")
+    orphan = reg.store.put_bytes(b"nobody refers to me" * 100)
+    leftover = root / "tmp" / "push-leftover"
+    leftover.mkdir()
+    (leftover / "part").write_bytes(b"x" * 1000)
+    stale = root / "tmp" / "blob-stale"
+    stale.write_bytes(b"y" * 10)
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+
+    report = reg.verify()
+    assert report.ok, report.problems
+    orphans = {(p.what, p.where) for p in report.orphans}
+    assert ("blob", str(blob_path(root, orphan))) in orphans
+    assert ("staging", str(leftover)) in orphans and ("staging", str(stale)) in orphans
+
+    plan = reg.gc(dry_run=True, temp_grace=0)
+    assert plan.blobs == [orphan]
+    assert set(plan.temp) == {leftover, stale}
+    assert plan.expected_freed_size == blob_path(root, orphan).stat().st_size == 1900
+    assert blob_path(root, orphan).is_file() and leftover.is_dir() and stale.is_file()
+
+    usage = sum(p.stat().st_size for p in blob_files(root))
+    plan = reg.gc()  # default grace: the fresh staging dir of a possibly running push stays
+    assert plan.expected_freed_size == 1900
+    assert sum(p.stat().st_size for p in blob_files(root)) == usage - plan.expected_freed_size
+    assert not blob_path(root, orphan).exists() and not stale.exists()
+    assert leftover.is_dir()
+    reg.gc(temp_grace=0)
+    assert not leftover.exists()
+    report = reg.verify()
+    assert report.ok and report.orphans == []
+    assert reg.pull("a", tmp_path / "out") and dir_hashes(tmp_path / "out") == dir_hashes(MINILM_LORA)
+
+
+def test_rm_then_gc_frees_unique_blobs_and_keeps_shared(tmp_path, minilm_plus):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    keep = reg.push(MINILM_LORA, "a")
+    gone = reg.push(minilm_plus, "b")
+    other = reg.push(LLAMA_LORA, "a")
+    unique = {gone.digest, sha256_file(minilm_plus / "NOTES.txt")}
+    assert reg.gc(dry_run=True).blobs == []
+
+    usage = sum(p.stat().st_size for p in blob_files(root))
+    reg.rm("b@1")
+    with pytest.raises(NotFoundError):
+        reg.resolve("b")
+    assert all(blob_path(root, d).is_file() for d in unique), "rm leaves blobs to gc"
+    plan = reg.gc(dry_run=True)
+    assert set(plan.blobs) == unique
+    assert plan.expected_freed_size == sum(blob_path(root, d).stat().st_size for d in unique)
+    reg.gc()
+    assert sum(p.stat().st_size for p in blob_files(root)) == usage - plan.expected_freed_size
+    assert not any(blob_path(root, d).exists() for d in unique)
+    for res, src in ((keep, MINILM_LORA), (other, LLAMA_LORA)):
+        check_version_on_disk(root, res.name, res.version, res.digest)
+        assert dir_hashes(reg.pull(res.ref, tmp_path / res.digest[7:15])) == dir_hashes(src)
+    report = reg.verify()
+    assert report.ok and report.orphans == []
+
+
+# --- 6. index ------------------------------------------------------------------------------------
+
+
+def _populate(reg: Registry) -> None:
+    reg.push(ADAPTERS_LIB / "minilm_lora", "team/sent", tags=["stable"])
+    reg.push(ADAPTERS_LIB / "minilm_lora_all", "team/sent")
+    reg.push(ADAPTERS_LIB / "minilm_seq_bn", "team/bn", tags=["stable"])
+    reg.push(ADAPTERS_LIB / "llama_lora", "team/llama", base=LLAMA_BASE)
+    reg.push(ADAPTERS_LIB / "llama_prefix_tuning_safetensors", "prefix")
+    reg.push(ADAPTERS_LIB / "minilm_double_seq_bn", "other/bn")
+    reg.push(ADAPTERS_LIB / "llama_seq_bn_bin", "other/bin", allow_pickle=True)
+
+
+def _expected(root: Path, *, pattern=None, kind=None, base=None, tag=None) -> set[tuple[str, str, str]]:
+    """What a filter must return, computed from the ref files and manifests alone."""
+    from fnmatch import fnmatchcase
+
+    out = set()
+    for (name, version), digest in disk_refs(root).items():
+        m = json.loads(blob_path(root, digest).read_bytes())
+        if pattern and not fnmatchcase(name, pattern):
+            continue
+        if kind and m["kind"] != kind:
+            continue
+        b = m["base"]
+        if base and not (fnmatchcase(b["name_or_path"] or "", base) or (b["fingerprint"] or "").startswith(base)):
+            continue
+        if tag:
+            ns, _, short = name.rpartition("/")
+            name_dir = root / "refs" / (ns or "_") / short
+            tag_file = name_dir / "tags" / tag
+            if tag_file.is_file():
+                if tag_file.read_text().strip() != version:
+                    continue
+            elif not (tag == "latest" and (name_dir / "newest").read_text().strip() == version):
+                continue
+        out.add((name, version, digest))
+    return out
+
+
+def _listed(reg: Registry, **kw) -> set[tuple[str, str, str]]:
+    return {(i.name, i.version, i.digest) for i in reg.list(**kw)}
+
+
+FILTERS = [{}, {"pattern": "team/*"}, {"pattern": "*/bn"}, {"pattern": "prefix"}, {"kind": "lora"},
+           {"kind": "bottleneck"}, {"kind": "prefix"}, {"base": "sentence-transformers/*"}, {"base": "tiny*"},
+           {"tag": "stable"}, {"tag": "latest"}, {"pattern": "team/*", "kind": "lora", "tag": "latest"},
+           {"pattern": "nothing*"}]
+
+
+def test_list_filters_agree_with_refs_and_survive_index_deletion(tmp_path):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    _populate(reg)
+    fp = reg.manifest("team/llama")["base"]["fingerprint"]
+    filters = [*FILTERS, {"base": fp[:12]}]
+    results = {}
+    for kw in filters:
+        results[json.dumps(kw)] = got = _listed(reg, **kw)
+        assert got == _expected(root, **kw), kw
+    assert len(results["{}"]) == 7
+    assert {n for n, _, _ in results[json.dumps({"pattern": "team/*"})]} == {"team/sent", "team/bn", "team/llama"}
+    assert results[json.dumps({"base": fp[:12]})] == {("team/llama", "1", reg.resolve("team/llama").digest)}
+    infos = {i.ref: i for i in reg.list()}
+    assert infos["team/sent@1"].tags == ("stable",) and infos["team/sent@2"].tags == ("latest",)
+
+    reg.close()
+    (root / "index.sqlite").unlink()
+    fresh = Registry(root)
+    for kw in filters:
+        assert _listed(fresh, **kw) == results[json.dumps(kw)], kw
+    assert [i.ref for i in fresh.list()] == [i.ref for i in reg.list()]
+    assert fresh.verify().ok
+
+
+def test_a_name_left_dirty_by_a_crash_is_reindexed_on_next_open(tmp_path, minilm_plus):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.push(MINILM_LORA, "team/x")
+    reg.push(minilm_plus, "team/x")
+    reg.push(LLAMA_LORA, "team/y")
+    listed = _listed(reg)
+    reg.close()
+    # crash between "mark dirty + write ref" and "update index": the ref is there, the index is not
+    crashed = Registry(root)
+    digest = hand_made_version(crashed, "team/x", "2", "3")
+    crashed.close()
+    assert raw_index(root, "SELECT name FROM dirty") == [("team/x",)]
+    assert raw_index(root, "SELECT version FROM versions WHERE name='team/x' ORDER BY version") == [("1",), ("2",)]
+    fresh = Registry(root)
+    assert _listed(fresh) == listed | {("team/x", "3", digest)}
+    assert _listed(fresh, pattern="team/x") == _expected(root, pattern="team/x")
+    assert raw_index(root, "SELECT name FROM dirty") == []
+    assert fresh.verify().ok
+
+
+def test_index_drift_without_a_dirty_mark_is_reported_by_verify(tmp_path, minilm_plus):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.push(MINILM_LORA, "x")
+    reg.list()
+    hand_made_version(reg, "x", "1", "2", mark_dirty=False)
+    report = reg.verify()
+    assert any(p.severity == "error" and p.what == "index" for p in report.problems)
+    reg.reindex()
+    assert reg.verify().ok and _listed(reg) == _expected(root)
+
+
+def test_tag_untag_rm_do_not_hang_on_a_name_left_dirty(tmp_path):
+    """A crash (or a failed push) leaves a name marked dirty; the next tag/untag/rm on that name takes
+    the name's lock and then refreshes dirty names, which takes the same lock again."""
+    procs = []
+    for op, args in (("tag", ["x@1", "stable"]), ("untag", ["x", "old"]), ("rm", ["x@1"])):
+        root = tmp_path / op
+        reg = Registry(root)
+        reg.push(MINILM_LORA, "x", tags=["old"])
+        reg.push(LLAMA_LORA, "x")
+        reg.close()
+        crashed = Registry(root)
+        crashed.index.mark_dirty("x")
+        crashed.close()
+        procs.append((op, root, subprocess.Popen([sys.executable, str(WORKER), "op", str(root), op, *args],
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    deadline = time.monotonic() + 10
+    hung = []
+    for op, _, p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            hung.append(op)
+    assert not hung, f"{hung} hung on the name's own lock"
+    for _op, root, p in procs:
+        assert p.returncode == 0, p.stderr.read()
+        assert Registry(root).verify().ok
+
+
+# --- 7. kill -9 loop -----------------------------------------------------------------------------
+
+KILLS = 30
+NAMES = ["crash/a", "crash/b", "solo"]
+
+
+def test_kill_minus_nine_loop_loses_nothing(tmp_path, big_adapter):
+    root = tmp_path / "reg"
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    rng = random.Random(20240607)
+    done: dict[tuple[str, str], str] = {}
+    kills = mid_push = 0
+    stderr_path = tmp_path / "worker.err"
+    for k in range(KILLS):
+        with open(stderr_path, "w") as err:
+            proc = subprocess.Popen([sys.executable, str(WORKER), "push-loop", str(root), str(big_adapter),
+                                     str(workdir), str(1000 + k), *NAMES], stdout=subprocess.PIPE, stderr=err,
+                                    text=True)
+            first = proc.stdout.readline()
+            if first.strip() != "READY":
+                proc.kill()
+                proc.wait()
+                pytest.fail(f"worker did not start: {first!r} {stderr_path.read_text()[-3000:]}")
+            time.sleep(rng.uniform(0.0, 0.15))
+            proc.send_signal(signal.SIGKILL)
+            rest = proc.stdout.read()
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"the worker died by itself: {stderr_path.read_text()[-3000:]}"
+        kills += 1
+        lines = rest.splitlines()
+        for line in lines:
+            if line.startswith("DONE "):
+                ref, digest = line.split()[1:3]
+                name, version = ref.split("@")
+                assert (name, version) not in done, f"{ref} was handed out twice"
+                done[(name, version)] = digest
+        if lines and lines[-1].startswith("START "):
+            mid_push += 1
+    print(f"\nkill loop: {kills} kills, {mid_push} during a push, {len(done)} completed pushes")
+    assert kills >= 20
+    assert mid_push >= 10, f"only {mid_push} of {kills} kills landed during a push"
+    assert len(done) >= 30
+
+    reg = Registry(root)
+    report = reg.verify()
+    assert report.ok, [p for p in report.problems if p.severity == "error"]
+
+    on_disk = disk_refs(root)
+    assert set(done) <= set(on_disk), "a completed push is missing"
+    for key, digest in done.items():
+        assert on_disk[key] == digest
+    for (name, version), digest in on_disk.items():  # nothing partial: every version complete
+        check_version_on_disk(root, name, version, digest)
+    for name in NAMES:
+        versions = sorted(int(v) for n, v in on_disk if n == name)
+        assert versions == list(range(1, len(versions) + 1)), f"{name}: versions {versions} have gaps"
+    assert _listed(reg) == {(n, v, d) for (n, v), d in on_disk.items()}
+    stale_latest = {name: reg.resolve(name).version for name in NAMES
+                    if reg.resolve(name).version != str(max(int(v) for n, v in on_disk if n == name))}
+    assert not stale_latest, f"latest does not name the newest complete push: {stale_latest}"
+
+    for i, ((name, version), digest) in enumerate(sorted(done.items())):
+        out = tmp_path / "pulls" / f"{i}"
+        reg.pull(f"{name}@{version}", out, link=i % 4 != 0)
+        manifest = json.loads(blob_path(root, digest).read_bytes())
+        assert dir_hashes(out) == {f["path"]: "sha256:" + f["sha256"] for f in manifest["files"]}
+        shutil.rmtree(out)
+
+    staging = sum(1 for p in report.orphans if p.what == "staging")
+    orphan_blobs = sum(1 for p in report.orphans if p.what == "blob")
+    print(f"kill loop: left {staging} staging files and {orphan_blobs} orphan blobs (killed mid-write / pre-ref)")
+    reg.gc(temp_grace=0)
+    report = reg.verify()
+    assert report.ok and report.orphans == [], report.problems
+    assert disk_refs(root) == on_disk
+    print(f"kill loop: {len(on_disk)} versions verified")
+
+
+# --- 8. multi-process race -----------------------------------------------------------------------
+
+RACERS = [("race/shared", 0), ("race/shared", 1), ("race/shared", 2), ("race/solo-3", 3), ("solo-4", 4)]
+PUSHES = 25
+
+
+def test_concurrent_pushes_lose_nothing_and_never_share_a_version(tmp_path):
+    root = tmp_path / "reg"
+    go, stop = tmp_path / "go", tmp_path / "stop"
+    procs = []
+    for name, proc_id in RACERS:
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), "race", str(root), str(LLAMA_LORA), str(go),
+                                       str(proc_id), str(PUSHES), name],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    gc_proc = subprocess.Popen([sys.executable, str(WORKER), "gc-loop", str(root), str(go), str(stop)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for p in [*procs, gc_proc]:
+            assert p.stdout.readline().strip() == "READY", p.stderr.read()
+        go.touch()
+        outputs = []
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err[-3000:]
+            outputs.append(out)
+    finally:
+        stop.touch()
+        for p in [*procs, gc_proc]:
+            if p.poll() is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=30)
+                p.kill()
+    gc_out, gc_err = gc_proc.communicate(timeout=30)
+    assert gc_proc.returncode == 0, gc_err[-3000:]
+
+    reported: dict[tuple[str, str], tuple[str, str]] = {}
+    pushes = set()
+    for out in outputs:
+        for line in out.splitlines():
+            _, ref, digest, proc_id, i = line.split()
+            name, version = ref.split("@")
+            assert (name, version) not in reported, f"{ref} handed out twice"
+            reported[(name, version)] = (digest, f"{proc_id}-{i}")
+            pushes.add(f"{proc_id}-{i}")
+    assert len(pushes) == len(reported) == len(RACERS) * PUSHES
+
+    reg = Registry(root)
+    on_disk = disk_refs(root)
+    assert set(on_disk) == set(reported)
+    for name in {n for n, _ in RACERS}:
+        n_pushes = PUSHES * sum(1 for n, _ in RACERS if n == name)
+        versions = sorted(int(v) for n, v in on_disk if n == name)
+        assert versions == list(range(1, n_pushes + 1)), f"{name}: {versions}"
+    for (name, version), (digest, push) in reported.items():
+        assert on_disk[(name, version)] == digest
+        manifest = check_version_on_disk(root, name, version, digest)
+        assert manifest["description"] == push, "each version holds the push that reported it"
+    report = reg.verify()
+    assert report.ok, report.problems
+    assert _listed(reg) == {(n, v, d) for (n, v), (d, _) in reported.items()}
+    for name in {n for n, _ in RACERS}:
+        assert len(reg.list(name)) == PUSHES * sum(1 for n, _ in RACERS if n == name)
+    print(f"\nrace: {len(procs)} processes x {PUSHES} pushes, {len(reported)} versions verified, "
+          f"gc runs alongside: {gc_out.split()[-1]}")
+
+
+# --- 9. permissions and a full disk --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["chmod", "immutable"])
+def test_push_into_unwritable_blobs_is_a_clear_storage_error(method, tmp_path):
+    if method == "chmod" and IS_ROOT:
+        pytest.skip("root bypasses permission bits")
+    if method == "immutable" and not IS_ROOT:
+        pytest.skip("chattr +i needs root")
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    blobs = root / "blobs" / "sha256"
+    with unwritable(blobs), pytest.raises(StorageError) as e:
+        reg.push(MINILM_LORA, "x")
+    msg = str(e.value)
+    assert "permission" in msg.lower() and "fix:" in msg
+    assert disk_refs(root) == {}
+    assert list((root / "tmp").iterdir()) == [], "staging files were left behind"
+    with pytest.raises(NotFoundError):
+        reg.resolve("x")
+    assert reg.list() == [] and reg.verify().ok
+    assert reg.push(MINILM_LORA, "x").version == "1", "after the fix, the same push works"
+    assert reg.verify().ok
+
+
+def test_a_failed_push_keeps_the_registry_usable_in_the_same_process(tmp_path):
+    """The refs directory refuses the new version: StorageError, no version 2, and the same process can
+    still tag (run in a subprocess: with the dirty-name lock bug the tag hangs forever)."""
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.push(MINILM_LORA, "x")
+    reg.close()
+    versions = root / "refs" / "_" / "x" / "versions"
+    with unwritable(versions):
+        try:
+            p = run_worker("failed-push-then-tag", str(root), str(LLAMA_LORA), "x", "x@1", "stable", timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("tag() hung after a failed push in the same process")
+    assert p.stdout.split() == ["STORAGE_ERROR", "TAGGED"], p.stdout + p.stderr[-3000:]
+    reg = Registry(root)
+    assert set(disk_refs(root)) == {("x", "1")}
+    assert reg.resolve("x@stable").version == "1" and reg.verify().ok
+
+
+def test_full_disk_is_a_clear_storage_error_and_leaves_no_version(tmp_path, big_adapter):
+    if not IS_ROOT:
+        pytest.skip("mounting a tiny tmpfs needs root")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if m.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {m.stderr.strip()}")
+    try:
+        root = mnt / "reg"
+        reg = Registry(root)
+        small = reg.push(LLAMA_LORA, "x")
+        with pytest.raises(StorageError) as e:
+            reg.push(big_adapter, "x")
+        assert "disk is full" in str(e.value) and "fix:" in str(e.value)
+        assert set(disk_refs(root)) == {("x", "1")}
+        assert list((root / "tmp").iterdir()) == [], "the partial blob was left in staging"
+        assert reg.resolve("x").digest == small.digest
+        report = reg.verify()
+        assert report.ok, report.problems
+        for orphan in report.orphans:  # files stored before the big one ran out of space: complete, unused
+            assert orphan.what == "blob"
+            path = Path(orphan.where)
+            assert sha256_file(path) == f"sha256:{path.parent.name}{path.name}"
+        reg.gc(temp_grace=0)
+        assert reg.verify().orphans == []
+        assert reg.push(LLAMA_LORA, "y").version == "1", "the registry still works"
+        reg.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# --- 10. load ------------------------------------------------------------------------------------
+
+
+def _assert_same_tensors(got, want) -> None:
+    assert sorted(got.tensors) == sorted(want.tensors)
+    for k in want.tensors:
+        a, b = got.tensors[k], want.tensors[k]
+        assert a.dtype == b.dtype and torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("name", ["minilm_seq_bn", "minilm_lora_all", "llama_prefix_tuning_safetensors",
+                                  "minilm_double_seq_bn"])
+def test_adapterhub_load_by_tag_returns_the_pushed_tensors(name, tmp_path):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.push(ADAPTERS_LIB / name, "team/thing", tags=["prod"])
+    reg.push(MINILM_LORA, "team/thing")
+    want = read_adapter(ADAPTERS_LIB / name)
+    got = adapterhub.load("team/thing@prod", registry=root)
+    assert got.kind == want.kind and got.spec == want.spec
+    _assert_same_tensors(got, want)
+    assert got.base.name_or_path == want.base.name_or_path
+
+
+def test_load_of_a_pushed_adapter_object_and_of_a_pickle(tmp_path, make_peft, llama_base):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    src = make_peft(llama_base, LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"]), seed=9)
+    adapter = read_adapter(src)
+    res = reg.push(adapter, "obj", tags=["t"])
+    assert res.manifest["format"] == "adapterhub"
+    _assert_same_tensors(adapterhub.load("obj@t", registry=root), adapter)
+
+    with pytest.raises(PickleRefusedError):
+        reg.push(ADAPTERS_LIB / "llama_seq_bn_bin", "pickled")
+    assert disk_refs(root).keys() == {("obj", "1")}
+    reg.push(ADAPTERS_LIB / "llama_seq_bn_bin", "pickled", allow_pickle=True, tags=["t"])
+    with pytest.raises(PickleRefusedError):
+        adapterhub.load("pickled@t", registry=root)
+    got = adapterhub.load("pickled@t", registry=root, allow_pickle=True)
+    _assert_same_tensors(got, read_adapter(ADAPTERS_LIB / "llama_seq_bn_bin", allow_pickle=True))
