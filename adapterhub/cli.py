@@ -498,6 +498,71 @@ def blend(reg: _LazyRegistry, sources: tuple[str, ...], weights: str | None, met
             click.echo(f"wrote {recipe.method} blend to {path}")
 
 
+@cli.command(name="export")
+@click.argument("sources", nargs=-1, required=True, metavar="SRC[=WEIGHT]...")
+@click.option("--base", "base_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Base model directory (config.json + safetensors, single or sharded).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Directory to write.")
+@click.option("--method", help="Blend the sources with this method first (else each is folded with its weight).")
+@click.option("--rank", type=int, help="Target rank for --method svd/ties/dare_*/magnitude_prune.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard, e.g. 5GB, 500MB.")
+@click.option("--dtype", help="Output dtype of floating tensors: bfloat16, float16, float32 (default: the base's).")
+@click.option("--keep-unmerged", is_flag=True,
+              help="Write prefix/bottleneck adapters (they cannot be folded) beside the checkpoint, not fail.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@allow_pickle_option
+@pass_registry
+def export_(reg: _LazyRegistry, sources: tuple[str, ...], base_dir: str, output: str, method: str | None,
+            rank: int | None, max_shard_size: str, dtype: str | None, keep_unmerged: bool, force: bool,
+            allow_pickle: bool) -> None:
+    """Fold adapters into the base and write a standard (sharded) safetensors checkpoint.
+
+    SRC is a registry reference, an adapter directory or a blend recipe (.json), optionally with
+    =WEIGHT. Streams tensor by tensor: memory stays about one tensor whatever the model size.
+    """
+    from adapterhub.export import export_merged
+    from adapterhub.recipe import Recipe, load_sources, run_recipe
+
+    specs, weights = [], []
+    for src in sources:
+        path, sep, w = src.rpartition("=")
+        try:
+            weight = float(w) if sep else 1.0
+        except ValueError:
+            path, weight = src, 1.0
+        specs.append(path if sep and path else src)
+        weights.append(weight)
+    with _errors():
+        registry = None
+        if any(not Path(s).exists() for s in specs):
+            registry = reg.get()
+        adapters, provenance_sources = [], []
+        for spec, w in zip(specs, weights, strict=True):
+            if Path(spec).is_file():
+                recipe = Recipe.load(spec)
+                if recipe.sources and any("ref" in s for s in recipe.sources) and registry is None:
+                    registry = reg.get()
+                adapters.append(run_recipe(recipe, registry, allow_pickle=allow_pickle))
+                provenance_sources.append({"recipe": recipe.to_dict(), "weight": w})
+            else:
+                loaded, pinned = load_sources([spec], registry, allow_pickle=allow_pickle)
+                adapters += loaded
+                provenance_sources.append({**pinned[0], "weight": w})
+        if method:
+            from adapterhub.compose.blend import blend
+
+            options = {"rank": rank} if rank is not None else {}
+            adapters = [blend(adapters, weights, method, labels=specs, **options)]
+            weights = [1.0]
+        provenance = {"sources": provenance_sources, "method": method or "stack", "rank": rank}
+        result = export_merged(base_dir, adapters, output, weights=weights, max_shard_size=max_shard_size,
+                               dtype=dtype, keep_unmerged=keep_unmerged, provenance=provenance, overwrite=force)
+    click.echo(f"wrote {len(result.shards)} shard(s), {_human(result.total_size)}, {len(result.folded)} tensors "
+               f"changed -> {result.path}")
+    for u in result.unmerged:
+        click.echo(f"  not merged (load as adapter): {result.path / u}")
+
+
 def main() -> None:
     """Console entry point."""
     cli(prog_name="adapterhub")
