@@ -1,0 +1,231 @@
+"""Merged-checkpoint export: loads in transformers, equals PEFT's merge_and_unload, rounds once, refuses bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import ADAPTERS_LIB, input_ids, load_base, make_llama, save_model
+from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig
+from safetensors import safe_open
+from transformers import AutoModel, AutoModelForCausalLM
+
+from adapterhub.base import BaseCheckpoint
+from adapterhub.cli import cli
+from adapterhub.errors import BaseCheckpointError, CompatibilityError, StorageError
+from adapterhub.export import ExportError, export_merged
+from adapterhub.formats import read_adapter
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def peft_merged(base_dir, adapter_dirs, cls=AutoModelForCausalLM):
+    model = cls.from_pretrained(base_dir)
+    for i, d in enumerate(adapter_dirs):
+        model = PeftModel.from_pretrained(model, d, adapter_name=f"a{i}").merge_and_unload()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def sharded_base(tmp_path_factory):
+    return save_model(make_llama(0), tmp_path_factory.mktemp("base") / "sharded", max_shard_size="100KB")
+
+
+def test_lora_export_loads_in_transformers_and_equals_peft(llama_base, make_peft, tmp_path):
+    a = make_peft(llama_base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"v_proj": 2}))
+    b = make_peft(llama_base, IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+                  seed=1)
+    result = run("export", a, b, "--base", llama_base, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ref = peft_merged(llama_base, [a, b])
+    ids = input_ids()
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5)
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(ours.state_dict()[k], v, atol=1e-6), k
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"model.safetensors", "config.json", "README.md",
+                                                               "generation_config.json"}
+
+
+def test_minilm_export_equals_peft(minilm_dir, make_peft, tmp_path):
+    a = make_peft(minilm_dir, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value", "dense"]), seed=3)
+    out = export_merged(minilm_dir, [read_adapter(a)], tmp_path / "out").path
+    ours = AutoModel.from_pretrained(out).eval()
+    ref = peft_merged(minilm_dir, [a], cls=AutoModel)
+    ids = input_ids(30522)
+    with torch.no_grad():
+        got, want = ours(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-5)
+    for extra in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        assert (out / extra).is_file(), extra
+
+
+def test_weighted_sum_of_two_loras(llama_base, make_peft, tmp_path):
+    a = make_peft(llama_base, LoraConfig(r=4, target_modules=["q_proj"]), seed=1)
+    b = make_peft(llama_base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), seed=2)
+    result = run("export", f"{a}=0.5", f"{b}=-1", "--base", llama_base, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    base = BaseCheckpoint.open(llama_base)
+    A, B = read_adapter(a), read_adapter(b)
+    name = "model.layers.0.self_attn.q_proj"
+    w = base.tensors[f"{name}.weight"]
+    from adapterhub.tensorfile import load_tensor
+
+    def delta(ad):
+        n = ad.module_tensors(name)
+        return ad.tensors[n["lora_B"]] @ ad.tensors[n["lora_A"]] * ad.spec.scale(name)
+
+    expected = load_tensor(w) + 0.5 * delta(A) - delta(B)
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        got = f.get_tensor(f"{name}.weight")
+        meta = json.loads(f.metadata()["adapterhub.provenance"])
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert [s["weight"] for s in meta["sources"]] == [0.5, -1.0]
+    assert all(s["digest"].startswith("sha256:") for s in meta["sources"])
+
+
+def test_bf16_base_is_rounded_once(tmp_path, make_peft):
+    base_dir = save_model(make_llama(0, dtype=torch.bfloat16), tmp_path / "bf16")
+    a = make_peft(base_dir, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"]), seed=1)
+    b = make_peft(base_dir, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"]), seed=2)
+    A, B = read_adapter(a), read_adapter(b)
+    out = export_merged(base_dir, [A, B], tmp_path / "out").path
+    name = "model.layers.1.self_attn.q_proj"
+    with safe_open(str(base_dir / "model.safetensors"), "pt") as f:
+        w = f.get_tensor(f"{name}.weight")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        got = f.get_tensor(f"{name}.weight")
+    assert got.dtype == torch.bfloat16
+
+    def delta(ad):
+        n = ad.module_tensors(name)
+        return (ad.tensors[n["lora_B"]].double() @ ad.tensors[n["lora_A"]].double()) * ad.spec.scale(name)
+
+    exact = w.double() + delta(A) + delta(B)
+    once = exact.float().to(torch.bfloat16)
+    stepwise = ((w.float() + delta(A).float()).to(torch.bfloat16).float() + delta(B).float()).to(torch.bfloat16)
+    assert torch.equal(got, once)
+    err = lambda t: float((t.double() - exact).abs().sum())  # noqa: E731
+    assert err(got) < err(stepwise), "rounding once must beat rounding after each adapter"
+
+
+def test_sharded_in_sharded_out(sharded_base, make_peft, tmp_path):
+    assert (sharded_base / "model.safetensors.index.json").is_file()
+    a = make_peft(sharded_base, LoraConfig(r=4, target_modules="all-linear"))
+    out = export_merged(sharded_base, [read_adapter(a)], tmp_path / "out", max_shard_size="120KB").path
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    sizes = 0
+    for s in shards:
+        with safe_open(str(out / s), "pt") as f:
+            for k in f.keys():
+                sizes += f.get_tensor(k).numel() * 4
+                assert index["weight_map"][k] == s
+    assert index["metadata"]["total_size"] == sizes
+    assert set(index["weight_map"]) == set(BaseCheckpoint.open(sharded_base).tensors)
+    ours = AutoModelForCausalLM.from_pretrained(out).eval()
+    ref = peft_merged(sharded_base, [a])
+    ids = input_ids()
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5)
+
+
+def test_dtype_conversion(llama_base, make_peft, tmp_path):
+    a = make_peft(llama_base, LoraConfig(r=4, target_modules=["q_proj"]))
+    out = export_merged(llama_base, [read_adapter(a)], tmp_path / "out", dtype="bfloat16").path
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_unfoldable_adapters_are_refused_or_kept_beside(llama_base, make_peft, tmp_path):
+    lora = read_adapter(make_peft(llama_base, LoraConfig(r=4, target_modules=["q_proj"])))
+    prefix = read_adapter(make_peft(llama_base, PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")))
+    with pytest.raises(ExportError, match="(?s)cannot be folded.*--keep-unmerged"):
+        export_merged(llama_base, [lora, prefix], tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    result = export_merged(llama_base, [lora, prefix], tmp_path / "kept", keep_unmerged=True)
+    assert len(result.unmerged) == 1
+    kept = read_adapter(result.path / result.unmerged[0])
+    assert kept.kind == "prefix" and torch.equal(kept.tensors["prompt_embeddings"],
+                                                 prefix.tensors["prompt_embeddings"])
+    assert "Not merged" in (result.path / "README.md").read_text()
+    bottleneck = read_adapter(ADAPTERS_LIB / "llama_seq_bn")
+    cli_result = run("export", ADAPTERS_LIB / "llama_seq_bn", "--base", ADAPTERS_LIB / "tiny_llama_base", "-o",
+                     tmp_path / "bn")
+    assert cli_result.exit_code == 1 and "--keep-unmerged" in cli_result.output and not (tmp_path / "bn").exists()
+    assert bottleneck.kind == "bottleneck"
+
+
+def test_bad_inputs_leave_no_output(llama_base, sharded_base, wide_lora, tmp_path):
+    lora_dir = wide_lora
+    with pytest.raises(CompatibilityError):
+        export_merged(llama_base, [read_adapter(lora_dir)], tmp_path / "wrong-base")
+    assert not (tmp_path / "wrong-base").exists()
+    broken = shutil.copytree(sharded_base, tmp_path / "missing-shard")
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[-1]
+    (broken / victim).unlink()
+    with pytest.raises(BaseCheckpointError, match=victim):
+        export_merged(broken, [], tmp_path / "o1")
+    absent = shutil.copytree(sharded_base, tmp_path / "absent-name")
+    index["weight_map"]["model.norm.weight"] = "model-00099-of-00099.safetensors"
+    (absent / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(BaseCheckpointError, match="model-00099-of-00099.safetensors"):
+        export_merged(absent, [], tmp_path / "o2")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    result = run("export", lora_dir, "--base", llama_base, "-o", tmp_path / "o3")
+    assert result.exit_code == 1 and "INCOMPATIBLE" in result.output and "Traceback" not in result.output
+
+
+@pytest.fixture
+def wide_lora(make_peft, tmp_path):
+    wide = save_model(make_llama(0, hidden_size=96), tmp_path / "wide")
+    return make_peft(wide, LoraConfig(r=4, target_modules=["q_proj"]))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path, make_peft):
+    base_dir = save_model(make_llama(0, hidden_size=256, intermediate_size=512, vocab_size=1024), tmp_path / "big")
+    lora = read_adapter(make_peft(base_dir, LoraConfig(r=4, target_modules=["q_proj"])))
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if m.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {m.stderr.strip()}")
+    try:
+        with pytest.raises(StorageError, match="disk is full"):
+            export_merged(base_dir, [lora], mnt / "out")
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_base_is_left_untouched(llama_base, make_peft, tmp_path):
+    before = {p.name: p.read_bytes() for p in llama_base.iterdir() if p.is_file()}
+    a = make_peft(llama_base, LoraConfig(r=4, target_modules=["q_proj"]))
+    export_merged(llama_base, [read_adapter(a)], tmp_path / "out")
+    assert {p.name: p.read_bytes() for p in llama_base.iterdir() if p.is_file()} == before
+    assert load_base(llama_base) is not None
+
+
+def test_export_with_blend_method_and_registry(llama_base, make_peft, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTERHUB_REGISTRY", str(tmp_path / "reg"))
+    a = make_peft(llama_base, LoraConfig(r=4, target_modules=["q_proj"]), seed=1)
+    b = make_peft(llama_base, LoraConfig(r=4, target_modules=["q_proj"]), seed=2)
+    assert run("push", a, "team/a").exit_code == 0 and run("push", b, "team/b").exit_code == 0
+    result = run("export", "team/a=0.6", "team/b=0.4", "--method", "svd", "--rank", "4", "--base", llama_base,
+                 "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["adapterhub.provenance"])
+    assert meta["method"] == "svd" and [s["ref"] for s in meta["sources"]] == ["team/a@1", "team/b@1"]
