@@ -162,12 +162,17 @@ def export_merged(base_dir: str | Path, adapters: Sequence[Adapter], out: str | 
                 with open(tmp / fname, "wb") as f:
                     f.write(head)
                     for (name, dt, _), nbytes in zip(shard_entries, sizes, strict=True):
-                        t = _merged_tensor(base.tensors[name], plan, dt)
-                        data = _tensor_bytes(t)
-                        if len(data) != nbytes:
-                            raise ExportError(f"{name}: {len(data)} bytes, header says {nbytes}.")
-                        f.write(data)
-                        del t, data
+                        info = base.tensors[name]
+                        if not plan.touches(name) and dt == info.dtype:
+                            f.flush()  # untouched: copy the bytes in the kernel, no tensor in memory
+                            _copy_range(info, f.fileno())
+                        else:
+                            t = _merged_tensor(info, plan, dt)
+                            data = _tensor_bytes(t)
+                            if len(data) != nbytes:
+                                raise ExportError(f"{name}: {len(data)} bytes, header says {nbytes}.")
+                            f.write(data)
+                            del t, data
                         weight_map[name] = fname
                         total += nbytes
                     f.flush()
@@ -200,6 +205,26 @@ def export_merged(base_dir: str | Path, adapters: Sequence[Adapter], out: str | 
             unmerged.append(f"unmerged/{i:02d}-{label}")
         (tmp / "README.md").write_text(_model_card(base, provenance, plan, unmerged), encoding="utf-8")
     return ExportResult(out, files, total, sorted(plan.folds), unmerged)
+
+
+def _copy_range(info: TensorInfo, out_fd: int) -> None:
+    """Append a tensor's raw bytes from its base file to ``out_fd`` (copy_file_range, else read/write)."""
+    with open(info.path, "rb") as src:
+        offset, left = info.start, info.nbytes
+        while left:
+            try:
+                n = os.copy_file_range(src.fileno(), out_fd, left, offset)
+            except OSError:  # e.g. across file systems on old kernels
+                n = 0
+            if n == 0:
+                src.seek(offset)
+                chunk = src.read(min(left, 64 * 1024 * 1024))
+                if not chunk:
+                    raise ExportError(f"{info.path} ended early while copying {info.name}.")
+                os.write(out_fd, chunk)
+                n = len(chunk)
+            offset += n
+            left -= n
 
 
 def _merged_tensor(info: TensorInfo, plan: MergePlan, out_dtype: str) -> torch.Tensor:

@@ -104,7 +104,11 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[Adapter], weights: Seque
 
 
 def fold(name: str, weight: torch.Tensor, plan: MergePlan) -> torch.Tensor:
-    """The base tensor ``name`` with every planned contribution folded in (float32, rounded once)."""
+    """The base tensor ``name`` with every planned contribution folded in (float32, rounded once).
+
+    Consecutive plain LoRA contributions are folded with one ``addmm_`` of their concatenated
+    factors (scales on A), so the weight is traversed once however many adapters touch it.
+    """
     import torch
 
     folds = plan.folds.get(name)
@@ -112,14 +116,23 @@ def fold(name: str, weight: torch.Tensor, plan: MergePlan) -> torch.Tensor:
         return weight
     out_dtype = weight.dtype
     w = weight.to(torch.float32, copy=True)
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (scale * A, B) in W's orientation
+
+    def flush() -> None:
+        if pending:
+            w.addmm_(torch.cat([b for _, b in pending], dim=1), torch.cat([a for a, _ in pending], dim=0))
+            pending.clear()
+
     for f in folds:
         a = plan.adapters[f.adapter]
         t = a.tensors
-        names = a.module_tensors(f.module) if f.role != "replace" else {}
         if f.role == "replace":
+            flush()
             w = t[f.module].to(torch.float32)
             continue
+        names = a.module_tensors(f.module)
         if f.role == "ia3":
+            flush()
             vec = t[names["ia3_l"]].to(torch.float32)
             w.mul_(vec.T if a.spec.fan_in_fan_out else vec)
             continue
@@ -127,21 +140,20 @@ def fold(name: str, weight: torch.Tensor, plan: MergePlan) -> torch.Tensor:
         if f.role == "lora_bias":
             w.add_(t[names["lora_B.bias"]].to(torch.float32), alpha=scale)
             continue
-        if f.role == "lora_embedding":
+        if f.role == "lora_embedding":  # W (vocab x dim) += scale * A^T B^T
             A, B = t[names["lora_embedding_A"]].to(torch.float32), t[names["lora_embedding_B"]].to(torch.float32)
-            w.addmm_(A.T, B.T, alpha=scale)  # (vocab x r) @ (r x dim)
+            pending.append((B.T * scale, A.T))
             continue
         A, B = t[names["lora_A"]].to(torch.float32), t[names["lora_B"]].to(torch.float32)
         if w.dim() != 2:
             raise MergeError(f"{name}: folding LoRA into a {w.dim()}-d weight (convolution) is not supported.")
-        if a.spec.fan_in_fan_out:
-            w.addmm_(A.T, B.T, alpha=scale)
-        else:
-            w.addmm_(B, A, alpha=scale)
+        pending.append((B.T * scale, A.T) if a.spec.fan_in_fan_out else (A * scale, B))
         if f.role == "dora":
+            flush()
             magnitude = t[names["lora_magnitude_vector"]].to(torch.float32)
             norm = torch.linalg.vector_norm(w, dim=1)
             w.mul_((magnitude / norm).unsqueeze(1))
+    flush()
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
         sources = sorted({str(plan.adapters[f.adapter].source or plan.adapters[f.adapter].name) for f in folds})
