@@ -342,6 +342,11 @@ def show(reg: _LazyRegistry, ref: str, as_json: bool) -> None:
         click.echo(f"metrics     {json.dumps(m['metrics'], sort_keys=True)}")
     if m.get("parents"):
         click.echo(f"parents     {', '.join(p.get('ref', str(p)) for p in m['parents'])}")
+    if m.get("recipe"):
+        r = m["recipe"]
+        opts = ", ".join(f"{k}={v}" for k, v in sorted((r.get("options") or {}).items()))
+        click.echo(f"recipe      {r.get('method')}({opts}) weights {r.get('weights')}"
+                   + (f" seed {r['seed']}" if r.get("seed") is not None else ""))
     click.echo(f"parameters  {m.get('num_parameters', 0):,}; {_human(m.get('size') or 0)} in {len(m['files'])} file(s)")
     for f in m["files"]:
         click.echo(f"  {f['sha256'][:12]}  {_human(f['size']):>10}  {f['path']}")

@@ -38,4 +38,17 @@ step "push the converted adapter as a new version, checked against the base firs
 step "pushing it again is a no-op" $ah push $out/minilm_lora_peft demo/minilm-sentiment@3
 step "find every LoRA for MiniLM" $ah list 'demo/*' --kind lora --base 'sentence-transformers/*'
 step "verify every blob of the registry" $ah verify
+
+# compose and ship
+step "blend two versions (svd, rank 8) and push the result with its lineage" \
+  $ah blend demo/minilm-sentiment@1 demo/minilm-sentiment@2 --weights 0.7,0.3 --method svd --rank 8 \
+  --push demo/minilm-blend --save-recipe $out/blend-recipe.json
+step "the blend's manifest names its parents and recipe" $ah show demo/minilm-blend
+step "the recipe reproduces the blend bit for bit" $ah blend --recipe $out/blend-recipe.json -o $out/blend-again
+step "export MiniLM with the blend folded in: a plain safetensors checkpoint" \
+  $ah export demo/minilm-blend --base "$minilm" -o $out/merged
+step "transformers loads it as is" .venv/bin/python -c "
+from transformers import AutoModel
+m = AutoModel.from_pretrained('$out/merged')
+print(type(m).__name__, sum(p.numel() for p in m.parameters()), 'parameters')"
 printf '\n\033[1mdemo complete:\033[0m outputs in %s/\n' "$out"
