@@ -277,7 +277,8 @@ def _number(text: str) -> Any:
 @click.option("--format", "fmt", type=click.Choice(["peft", "adapters", "adapterhub"]), default=None,
               help="Convert to this format (default: as pushed).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
-@click.option("--link", is_flag=True, help="Hard-link files from the registry (instant; read-only, never edit them).")
+@click.option("--link", is_flag=True,
+              help="Hard-link files from the registry (instant; re-hashes only changed blobs; never edit them).")
 @pass_registry
 def pull(reg: _LazyRegistry, ref: str, output: str, fmt: str | None, force: bool, link: bool) -> None:
     """Write version REF to a directory, verifying every hash."""

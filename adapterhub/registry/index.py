@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS tags (name TEXT NOT NULL, tag TEXT NOT NULL, version 
     PRIMARY KEY (name, tag));
 CREATE TABLE IF NOT EXISTS dirty (name TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS verified (digest TEXT PRIMARY KEY, stamp TEXT NOT NULL);
 """
 INDEX_VERSION = "1"
 
@@ -85,6 +86,14 @@ class Index:
 
     def _meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def stamp(self, digest: str, stamp: str) -> None:
+        """Record that the blob file with this stat signature was hashed and matched its digest."""
+        self.db.execute("INSERT OR REPLACE INTO verified VALUES (?, ?)", (digest, stamp))
+
+    def stamped(self, digest: str) -> str | None:
+        row = self.db.execute("SELECT stamp FROM verified WHERE digest=?", (digest,)).fetchone()
         return row[0] if row else None
 
     def mark_dirty(self, name: str) -> None:

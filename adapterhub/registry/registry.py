@@ -420,7 +420,9 @@ class Registry:
         files = []
         for path in sorted(_walk(src_dir)):
             rel = path.relative_to(src_dir).as_posix()
-            digest, size = self.store.put_file(path, progress)
+            digest, size, created = self.store.put_file(path, progress)
+            if created:  # hashed while writing it: its content is known to match
+                self._stamp(digest)
             files.append({"path": rel, "sha256": digest.removeprefix("sha256:"), "size": size})
         if not files:
             raise RegistryError(f"{src_dir} has no files to push.")
@@ -531,15 +533,33 @@ class Registry:
 
     # --- pull, load ----------------------------------------------------------------------------
 
-    def _verified_blob(self, digest: str, ref: str, progress: Progress | None) -> Path:
+    def _stat_stamp(self, digest: str) -> str | None:
+        try:
+            st = self.store.blob_path(digest).stat()
+        except FileNotFoundError:
+            return None
+        # any write or chmod changes ctime; a replaced file changes the inode
+        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+    def _stamp(self, digest: str) -> None:
+        stamp = self._stat_stamp(digest)
+        if stamp is not None:
+            self.index.stamp(digest, stamp)
+
+    def _verified_blob(self, digest: str, ref: str, progress: Progress | None, *, trust_stamp: bool = False) -> Path:
+        """The blob's path after checking its sha256. With ``trust_stamp``, a blob whose inode, size,
+        mtime and ctime are unchanged since it was last hashed is not hashed again."""
         path = self.store.blob_path(digest)
         if not path.is_file():
             raise IntegrityError(f"blob {digest} of '{ref}' is missing.\n  file: {path}\n"
                                  "  fix: re-push the adapter; `adapterhub verify` lists every damaged version.",
                                  path=path, expected=digest)
+        if trust_stamp and (stamp := self._stat_stamp(digest)) is not None and self.index.stamped(digest) == stamp:
+            return path
         actual, _ = hash_file(path, progress)
         if actual != digest:
             raise corrupt(digest, actual, path, ref)
+        self._stamp(digest)
         return path
 
     def snapshot(self, ref: str | Ref, *, verify: bool = True) -> Path:
@@ -549,7 +569,7 @@ class Registry:
         snap = self.root / "snapshots" / res.digest.removeprefix("sha256:")
         if verify:
             for f in manifest["files"]:
-                self._verified_blob("sha256:" + f["sha256"], res.ref, None)
+                self._verified_blob("sha256:" + f["sha256"], res.ref, None, trust_stamp=True)
         if snap.is_dir():
             return snap
         with os_errors("creating a snapshot"), self._gc_shared():
@@ -584,8 +604,10 @@ class Registry:
              link: bool = False, progress: Progress | None = None) -> Path:
         """Write the version to ``out`` in its stored format (or converted to ``format``), every hash checked.
 
-        ``link`` hard-links the files from the store instead of copying (O(1), same file system;
-        the files are read-only and shared with the registry: never modify them).
+        A copy re-hashes every file while copying it. ``link`` hard-links the files from the store
+        instead (same file system; the files are read-only and shared with the registry: never modify
+        them) and re-hashes only blobs whose inode, size, mtime or ctime changed since they were last
+        hashed (at push or by ``verify``), so it is O(1) in the file size; ``verify`` re-hashes all.
         """
         from adapterhub.formats import write_adapter
         from adapterhub.formats._files import atomic_directory
@@ -602,7 +624,7 @@ class Registry:
                 dest = tmp / _safe_rel(f["path"])
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 if link:
-                    os.link(self._verified_blob(digest, res.ref, progress), dest)
+                    os.link(self._verified_blob(digest, res.ref, progress, trust_stamp=True), dest)
                 else:
                     self._copy_verified(digest, dest, res.ref, progress)
         return out

@@ -71,7 +71,7 @@ def hash_file(path: Path, progress: Progress | None = None) -> tuple[str, int]:
 class Store(Protocol):
     """What a registry needs from storage."""
 
-    def put_file(self, src: Path, progress: Progress | None = None) -> tuple[str, int]: ...
+    def put_file(self, src: Path, progress: Progress | None = None) -> tuple[str, int, bool]: ...
     def put_bytes(self, data: bytes) -> str: ...
     def has_blob(self, digest: str) -> bool: ...
     def get_bytes(self, digest: str) -> bytes: ...
@@ -106,18 +106,20 @@ class LocalStore:
         fd, name = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
         return fd, Path(name)
 
-    def _commit_blob(self, tmp: Path, digest: str) -> None:
+    def _commit_blob(self, tmp: Path, digest: str) -> bool:
         final = self.blob_path(digest)
         if final.is_file():  # stored already: deduplicated
             tmp.unlink()
-            return
+            return False
         final.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(tmp, 0o444)
         os.replace(tmp, final)
         fsync_dir(final.parent)
+        return True
 
-    def put_file(self, src: Path, progress: Progress | None = None) -> tuple[str, int]:
-        """Store a file's content; returns (digest, size). Hashes and copies in one pass."""
+    def put_file(self, src: Path, progress: Progress | None = None) -> tuple[str, int, bool]:
+        """Store a file's content; returns (digest, size, created). Hashes and copies in one pass;
+        ``created`` is True when this call wrote the blob (its content is then known to match)."""
         with os_errors(f"storing {src}"):
             fd, tmp = self._temp()
             try:
@@ -133,10 +135,9 @@ class LocalStore:
                     digest = f"sha256:{h.hexdigest()}"
                     if self.has_blob(digest):  # stored already: no fsync, drop the copy
                         tmp.unlink()
-                        return digest, size
+                        return digest, size, False
                     os.fsync(out.fileno())
-                self._commit_blob(tmp, digest)
-                return digest, size
+                return digest, size, self._commit_blob(tmp, digest)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
