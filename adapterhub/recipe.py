@@ -119,8 +119,10 @@ def run_recipe(recipe: Recipe, registry: Registry | None, *, allow_pickle: bool 
             if s.get("digest") and directory_digest(path) != s["digest"]:
                 raise RecipeError(f"source directory {path} changed since the recipe was written (digest differs).")
             adapters.append(read_adapter(path, allow_pickle=allow_pickle))
+    from adapterhub.compose.blend import METHODS
+
     options = dict(recipe.options)
-    if recipe.seed is not None:
+    if recipe.seed is not None and recipe.method in METHODS and "seed" in METHODS[recipe.method].options:
         options["seed"] = recipe.seed
     labels = [s.get("ref") or s["path"] for s in recipe.sources]
     return blend(adapters, recipe.weights, recipe.method, labels=labels, **options)

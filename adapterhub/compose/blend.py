@@ -99,8 +99,9 @@ def _lora_modules(adapters: Sequence[Adapter], weights: Sequence[float]
     roles: dict[str, str] = {}
     dtypes: dict[str, torch.dtype] = {}
     for a, w in zip(adapters, weights, strict=True):
-        if a.carried():
-            raise BlendError(f"{a.source or a.name}: modules_to_save copies ({', '.join(a.carried()[:3])}) cannot "
+        saved = [n for n in a.carried() if not n.endswith(".base_layer.weight")]  # base layers: see _lora_result
+        if saved:
+            raise BlendError(f"{a.source or a.name}: modules_to_save copies ({', '.join(saved[:3])}) cannot "
                              "be blended; blend adapters without them.")
         for m in a.modules():
             names = a.module_tensors(m)
@@ -122,12 +123,21 @@ def _lora_modules(adapters: Sequence[Adapter], weights: Sequence[float]
 def _lora_result(adapters: Sequence[Adapter], factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  roles: dict[str, str], dtypes: dict[str, torch.dtype], extra: dict[str, Any]) -> Adapter:
     """An Adapter of scale 1 per module from final (A, B) factors."""
+    import torch
+
     tensors = {}
     ranks = {}
     for m, (A, B) in factors.items():
         tensors[f"{m}.{roles[m]}A"] = A.to(dtypes[m]).contiguous()
         tensors[f"{m}.{roles[m]}B"] = B.to(dtypes[m]).contiguous()
         ranks[m] = A.shape[0]
+    for a in adapters:  # PEFT saves an embedding LoRA's base layer: the base's weight, the same in every input
+        for n in a.carried():
+            t = a.tensors[n]
+            if n in tensors and not torch.equal(tensors[n], t):
+                raise BlendError(f"{n}: the adapters carry different copies of this base layer (made on "
+                                 "differently resized bases); they cannot be blended.")
+            tensors[n] = t
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
     pattern = {re.escape(m): k for m, k in sorted(ranks.items()) if k != r}
     first = adapters[0]
@@ -228,7 +238,10 @@ def svd(adapters: Sequence[Adapter], weights: Sequence[float], *, rank: int | No
 
 def _task_kernel(deltas: list[torch.Tensor], weights: list[float], *, density: float, prune: str | None,
                  sign: str | None, generator: torch.Generator | None) -> torch.Tensor:
-    """Generalised task arithmetic on dense deltas (PEFT's merge_utils semantics)."""
+    """Generalised task arithmetic on dense deltas: prune each (magnitude or random drop with rescale),
+    weight, then optionally elect a majority sign and average the agreeing entries (TIES). The sign
+    is elected from the *weighted* deltas, so a weight of 0 removes an input entirely (PEFT's
+    merge_utils elects it from the unweighted ones)."""
     import torch
 
     if not 0.0 < density <= 1.0:
@@ -303,11 +316,15 @@ for _name, _summary in (("ties", "TIES merging on dense deltas, re-factored to r
 
 
 def _ia3_sum(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
+    import torch
+
+    shapes = {a.module_tensors(m)["ia3_l"]: a.tensors.shape(a.module_tensors(m)["ia3_l"])
+              for a in adapters for m in a.modules()}
     out: dict[str, torch.Tensor] = {}
     for a, w in zip(adapters, weights, strict=True):
-        for m in a.modules():
-            name = a.module_tensors(m)["ia3_l"]
-            v = a.tensors[name].double() * w
+        own = {a.module_tensors(m)["ia3_l"] for m in a.modules()}
+        for name, shape in shapes.items():  # a module an adapter does not scale has the identity vector
+            v = (a.tensors[name].double() if name in own else torch.ones(shape, dtype=torch.float64)) * w
             out[name] = out[name] + v if name in out else v
     first = adapters[0]
     dtype = first.tensors[next(iter(first.tensors))].dtype

@@ -128,7 +128,7 @@ def fold(name: str, weight: torch.Tensor, plan: MergePlan) -> torch.Tensor:
         t = a.tensors
         if f.role == "replace":
             flush()
-            w = t[f.module].to(torch.float32)
+            w = t[f.module].to(torch.float32, copy=True)
             continue
         names = a.module_tensors(f.module)
         if f.role == "ia3":
