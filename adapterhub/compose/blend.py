@@ -82,18 +82,37 @@ def _common_dtype(adapters: Sequence[Adapter], names: Sequence[tuple[int, str]])
 
 @dataclass
 class _Factors:
-    """One module of one adapter: A (r x in), B (out x r), its scale and blend weight."""
+    """One module of one adapter: A (r x in), B (out x r), its scale and blend weight.
 
-    A: torch.Tensor
-    B: torch.Tensor
+    The factors are read (and widened to float64) only when a method reaches this module, so a blend
+    never holds more than one module's float64 copies.
+    """
+
+    tensors: Tensors
+    a_name: str
+    b_name: str
     scale: float
     weight: float
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.tensors[self.a_name].double()
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.tensors[self.b_name].double()
+
+    @property
+    def rank(self) -> int:
+        return self.tensors.shape(self.a_name)[0]
 
 
 def _lora_modules(adapters: Sequence[Adapter], weights: Sequence[float]
                   ) -> tuple[dict[str, list[_Factors]], dict[str, str], dict[str, torch.dtype]]:
-    """module -> factors (in float64 for exactness of the small math), role prefix, dtype."""
+    """module -> factors (read lazily, in float64 for exactness of the small math), role prefix, dtype."""
     import torch
+
+    from adapterhub.dtypes import st_to_torch
 
     modules: dict[str, list[_Factors]] = {}
     roles: dict[str, str] = {}
@@ -110,13 +129,15 @@ def _lora_modules(adapters: Sequence[Adapter], weights: Sequence[float]
                 raise BlendError(f"{m}: an embedding LoRA and a linear LoRA cannot be blended.")
             if "lora_B.bias" in names:
                 raise BlendError(f"{m}: LoRA bias (lora_bias=True) cannot be blended.")
-            A, B = a.tensors[names[role + "A"]], a.tensors[names[role + "B"]]
-            if A.dim() != 2:
-                raise BlendError(f"{m}: only 2-d (linear, embedding) LoRA can be blended, not {A.dim()}-d.")
-            dtypes.setdefault(m, A.dtype)
-            if dtypes[m] != A.dtype or B.dtype != A.dtype:
+            a_name, b_name = names[role + "A"], names[role + "B"]
+            ndim = len(a.tensors.shape(a_name))
+            if ndim != 2:
+                raise BlendError(f"{m}: only 2-d (linear, embedding) LoRA can be blended, not {ndim}-d.")
+            a_dtype = st_to_torch(a.tensors.dtype(a_name))
+            dtypes.setdefault(m, a_dtype)
+            if dtypes[m] != a_dtype or a.tensors.dtype(b_name) != a.tensors.dtype(a_name):
                 dtypes[m] = torch.float32
-            modules.setdefault(m, []).append(_Factors(A.double(), B.double(), a.spec.scale(m), float(w)))
+            modules.setdefault(m, []).append(_Factors(a.tensors, a_name, b_name, a.spec.scale(m), float(w)))
     return modules, roles, dtypes
 
 
@@ -196,7 +217,7 @@ def _default_rank(fs_by_module: dict[str, list[_Factors]], rank: int | None) -> 
         if rank < 1:
             raise BlendError(f"rank must be >= 1, not {rank}.")
         return rank
-    return max(f.A.shape[0] for fs in fs_by_module.values() for f in fs)
+    return max(f.rank for fs in fs_by_module.values() for f in fs)
 
 
 # --- LoRA methods ----------------------------------------------------------------------------------
@@ -213,7 +234,7 @@ def linear(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
     if kind == "prefix":
         return _prefix_average(adapters, weights)
     modules, roles, dtypes = _lora_modules(adapters, weights)
-    factors = {m: _concat(fs) for m, fs in modules.items()}
+    factors = {m: tuple(t.to(dtypes[m]) for t in _concat(fs)) for m, fs in modules.items()}
     return _lora_result(adapters, factors, roles, dtypes, {"method": "linear", "relative_error": {}})
 
 
@@ -232,7 +253,7 @@ def svd(adapters: Sequence[Adapter], weights: Sequence[float], *, rank: int | No
     for m, fs in modules.items():
         A, B = _concat(fs)
         A_k, B_k, errors[m] = _truncate(A, B, k)
-        factors[m] = (A_k, B_k)
+        factors[m] = (A_k.to(dtypes[m]), B_k.to(dtypes[m]))
     return _lora_result(adapters, factors, roles, dtypes, {"method": "svd", "rank": k, "relative_error": errors})
 
 
