@@ -17,7 +17,6 @@ import re
 import shutil
 import struct
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -157,11 +156,27 @@ def export_merged(base_dir: str | Path, adapters: Sequence[Adapter], out: str | 
     total = 0
     with atomic_directory(out, overwrite=overwrite) as tmp:
         try:
-            with ThreadPoolExecutor(2) as pool:
-                for fname, idx in zip(files, shards, strict=True):
-                    shard_entries = [entries[i] for i in idx]
-                    total += _write_shard(tmp / fname, shard_entries, base, plan, metadata, pool)
-                    weight_map.update(dict.fromkeys((e[0] for e in shard_entries), fname))
+            for fname, idx in zip(files, shards, strict=True):
+                shard_entries = [entries[i] for i in idx]
+                head, sizes = _header(shard_entries, metadata)
+                with open(tmp / fname, "wb") as f:
+                    f.write(head)
+                    for (name, dt, _), nbytes in zip(shard_entries, sizes, strict=True):
+                        info = base.tensors[name]
+                        if not plan.touches(name) and dt == info.dtype:
+                            f.flush()  # untouched: copy the bytes in the kernel, no tensor in memory
+                            _copy_range(info, f.fileno())
+                        else:
+                            t = _merged_tensor(info, plan, dt)
+                            data = _tensor_bytes(t)
+                            if len(data) != nbytes:
+                                raise ExportError(f"{name}: {len(data)} bytes, header says {nbytes}.")
+                            f.write(data)
+                            del t, data
+                        weight_map[name] = fname
+                        total += nbytes
+                    f.flush()
+                    os.fsync(f.fileno())
         except OSError as e:
             from adapterhub.registry.store import _storage_error
 
@@ -192,60 +207,6 @@ def export_merged(base_dir: str | Path, adapters: Sequence[Adapter], out: str | 
     return ExportResult(out, files, total, sorted(plan.folds), unmerged)
 
 
-def _write_shard(path: Path, entries: list[tuple[str, str, tuple[int, ...]]], base: BaseCheckpoint,
-                 plan: MergePlan, metadata: dict[str, str], pool: ThreadPoolExecutor) -> int:
-    """Write one shard as a pipeline: the next tensor is read while this one is folded, and this one
-    is written while the next is folded (at most ~3 tensors in memory). Untouched tensors are
-    copied in the kernel. Returns the bytes of tensor data written."""
-    head, sizes = _header(entries, metadata)
-    fold_names = [name for name, dt, _ in entries if plan.touches(name) or dt != base.tensors[name].dtype]
-    loads = {}
-
-    def prefetch(k: int) -> None:
-        if k < len(fold_names):
-            loads[fold_names[k]] = pool.submit(load_tensor, base.tensors[fold_names[k]])
-
-    prefetch(0)
-    prefetch(1)
-    next_fold = 2
-    written = 0
-    with open(path, "wb") as f:
-        f.write(head)
-        pending = None
-        for (name, dt, _), nbytes in zip(entries, sizes, strict=True):
-            info = base.tensors[name]
-            if name not in loads:
-                if pending is not None:
-                    pending.result()
-                    pending = None
-                f.flush()  # untouched: copy the bytes in the kernel, no tensor in memory
-                _copy_range(info, f.fileno())
-            else:
-                t = _cast(fold(name, loads.pop(name).result(), plan), dt)
-                prefetch(next_fold)
-                next_fold += 1
-                data = _tensor_bytes(t)
-                del t
-                if len(data) != nbytes:
-                    raise ExportError(f"{name}: {len(data)} bytes, header says {nbytes}.")
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(f.write, data)  # in order: one write in flight at a time
-            written += nbytes
-        if pending is not None:
-            pending.result()
-        f.flush()
-        os.fsync(f.fileno())
-    return written
-
-
-def _cast(t: torch.Tensor, dtype: str) -> torch.Tensor:
-    from adapterhub.dtypes import st_to_torch
-
-    target = st_to_torch(dtype)
-    return t if t.dtype == target else t.to(target)
-
-
 def _copy_range(info: TensorInfo, out_fd: int) -> None:
     """Append a tensor's raw bytes from its base file to ``out_fd`` (copy_file_range, else read/write)."""
     with open(info.path, "rb") as src:
@@ -264,6 +225,14 @@ def _copy_range(info: TensorInfo, out_fd: int) -> None:
                 n = len(chunk)
             offset += n
             left -= n
+
+
+def _merged_tensor(info: TensorInfo, plan: MergePlan, out_dtype: str) -> torch.Tensor:
+    from adapterhub.dtypes import st_to_torch
+
+    t = fold(info.name, load_tensor(info), plan)
+    target = st_to_torch(out_dtype)
+    return t if t.dtype == target else t.to(target)
 
 
 def _model_card(base: BaseCheckpoint, provenance: dict[str, Any], plan: MergePlan, unmerged: list[str]) -> str:
