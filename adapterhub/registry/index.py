@@ -32,9 +32,10 @@ CREATE TABLE IF NOT EXISTS verified (digest TEXT PRIMARY KEY, stamp TEXT NOT NUL
 INDEX_VERSION = "1"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class VersionInfo:
-    """One version as listed: what ``list``/``show`` return."""
+    """One version as listed: what ``list``/``show`` return (slots, not frozen: listing 10,000
+    of them is a hot path, and frozen dataclasses construct ~5x slower)."""
 
     name: str
     version: str
