@@ -205,12 +205,19 @@ class Registry:
     def _gc_shared(self):  # noqa: ANN202
         return self._lock("gc.lock", exclusive=False)
 
+    def _open_index(self) -> Index:
+        # one process at a time creates the file, switches it to WAL and rebuilds it: concurrent
+        # first opens otherwise fail with "database is locked" on the journal-mode switch
+        with self._lock("index.lock"):
+            index = Index(self.root / "index.sqlite")
+            if index.needs_rebuild:
+                self._rebuild(index)
+        return index
+
     @property
     def index(self) -> Index:
         if self._index is None:
-            self._index = Index(self.root / "index.sqlite")
-            if self._index.needs_rebuild:
-                self.reindex()
+            self._index = self._open_index()
         for name in self._index.dirty_names():
             with self._name_lock(name):
                 self._refresh(name)
@@ -223,9 +230,12 @@ class Registry:
 
     def reindex(self) -> None:
         """Rebuild the search index from refs and manifests (the source of truth)."""
-        idx = self._index or Index(self.root / "index.sqlite")
-        self._index = idx
+        if self._index is None:
+            self._index = self._open_index()
+        with self._lock("index.lock"):
+            self._rebuild(self._index)
 
+    def _rebuild(self, idx: Index) -> None:
         def load(name: str) -> tuple[list[tuple], dict[str, str]]:
             versions = self._versions(name)
             rows = [row_from_manifest(name, v, d, self._manifest(d, f"{name}@{v}")) for v, d in versions.items()]
