@@ -7,13 +7,14 @@ reading garbage) later. Tensors are read on demand through ``safetensors.safe_op
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import CorruptFileError, MissingFileError
 
@@ -143,13 +144,21 @@ def _check_entry(path: Path, name: str, entry: object, base: int, fix: str) -> T
     return TensorInfo(name, dtype, tuple(shape), path, base + offsets[0], base + offsets[1])
 
 
+@functools.lru_cache(maxsize=32)
+def _open(path: str, mtime_ns: int, size: int) -> Any:
+    """A cached ``safe_open`` handle: parsing a large header once per file, not once per tensor."""
+    from safetensors import safe_open
+
+    return safe_open(path, framework="pt")
+
+
 def load_tensor(info: TensorInfo) -> torch.Tensor:
     """Read one tensor (memory-mapped by safetensors) as a torch tensor on the CPU."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
     try:
-        with safe_open(str(info.path), framework="pt") as f:
-            return f.get_tensor(info.name)
+        st = os.stat(info.path)
+        return _open(str(info.path), st.st_mtime_ns, st.st_size).get_tensor(info.name)
     except (SafetensorError, OSError) as e:
         raise CorruptFileError(
             f"Could not read tensor '{info.name}' from {info.path}: {e}\n"
