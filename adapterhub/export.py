@@ -230,7 +230,7 @@ def _copy_range(info: TensorInfo, out_fd: int) -> None:
 def _merged_tensor(info: TensorInfo, plan: MergePlan, out_dtype: str) -> torch.Tensor:
     from adapterhub.dtypes import st_to_torch
 
-    t = fold(info.name, load_tensor(info), plan)
+    t = fold(info.name, load_tensor(info, cached=False), plan)
     target = st_to_torch(out_dtype)
     return t if t.dtype == target else t.to(target)
 

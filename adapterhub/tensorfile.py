@@ -152,11 +152,19 @@ def _open(path: str, mtime_ns: int, size: int) -> Any:
     return safe_open(path, framework="pt")
 
 
-def load_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor (memory-mapped by safetensors) as a torch tensor on the CPU."""
-    from safetensors import SafetensorError
+def load_tensor(info: TensorInfo, *, cached: bool = True) -> torch.Tensor:
+    """Read one tensor (memory-mapped by safetensors) as a torch tensor on the CPU.
+
+    ``cached`` keeps the file's handle (and its mapping) open for the next read: right for adapter
+    files read factor by factor, wrong for streaming a large base checkpoint, whose mapped pages
+    would then stay resident.
+    """
+    from safetensors import SafetensorError, safe_open
 
     try:
+        if not cached:
+            with safe_open(str(info.path), framework="pt") as f:
+                return f.get_tensor(info.name)
         st = os.stat(info.path)
         return _open(str(info.path), st.st_mtime_ns, st.st_size).get_tensor(info.name)
     except (SafetensorError, OSError) as e:

@@ -167,7 +167,7 @@ def merge_into(base: BaseCheckpoint, adapters: Sequence[Adapter], weights: Seque
     """Every base tensor with the adapters folded in, as a state dict (loads the whole base: for large
     models, stream with :func:`plan_merge` and :func:`fold` per tensor instead)."""
     plan = plan_merge(base, adapters, weights)
-    return {name: fold(name, load_tensor(info), plan) for name, info in sorted(base.tensors.items())}
+    return {name: fold(name, load_tensor(info, cached=False), plan) for name, info in sorted(base.tensors.items())}
 
 
 def merge_state_dict(state: Mapping[str, torch.Tensor], plan: MergePlan) -> dict[str, torch.Tensor]:
