@@ -102,3 +102,18 @@ def peft_outputs(base_dir: Path, adapter_dir: Path, ids: torch.Tensor, *, model=
     with torch.no_grad():
         out = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+@pytest.fixture
+def registry_cli(tmp_path, monkeypatch) -> Callable[..., object]:
+    """registry_cli(*args): invoke the adapterhub CLI against a fresh registry under tmp_path."""
+    from click.testing import CliRunner
+
+    from adapterhub.cli import cli
+
+    monkeypatch.setenv("ADAPTERHUB_REGISTRY", str(tmp_path / "reg"))
+
+    def _run(*args: object):
+        return CliRunner().invoke(cli, [str(a) for a in args])
+
+    return _run

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from conftest import ADAPTERS_LIB, input_ids, load_base, make_llama
 from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig
 from peft.tuners.lora import LoraLayer
@@ -24,7 +23,6 @@ from safetensors import safe_open
 
 from adapterhub.adapter import Adapter, Tensors
 from adapterhub.base import BaseCheckpoint
-from adapterhub.cli import cli
 from adapterhub.compose.blend import METHODS, BlendError, blend, stack
 from adapterhub.compose.merge import merge_into
 from adapterhub.convert import with_base
@@ -613,24 +611,14 @@ def assert_same_files(a: Path, b: Path) -> None:
         assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
 
 
-@pytest.fixture
-def run(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTERHUB_REGISTRY", str(tmp_path / "reg"))
-
-    def _run(*args: object):
-        return CliRunner().invoke(cli, [str(a) for a in args])
-
-    return _run
-
-
-def test_cli_recipe_reproduces_a_pushed_blend_bit_for_bit(run, dirs, tmp_path):
+def test_cli_recipe_reproduces_a_pushed_blend_bit_for_bit(registry_cli, dirs, tmp_path):
     pushed = {}
     for src, target in (("c4", "team/a"), ("r8_qup", "team/b")):
-        r = run("push", dirs[src], target)
+        r = registry_cli("push", dirs[src], target)
         assert r.exit_code == 0, r.output
         pushed[target] = r.output.strip().splitlines()[-1].split()
     recipe_file = tmp_path / "r.json"
-    r = run("blend", "team/a", "team/b", "--weights", "0.7,0.3", "--method", "svd", "--rank", "4",
+    r = registry_cli("blend", "team/a", "team/b", "--weights", "0.7,0.3", "--method", "svd", "--rank", "4",
             "--push", "team/x", "--save-recipe", recipe_file)
     assert r.exit_code == 0, r.output
     assert "truncation: relative error max" in r.output
@@ -639,16 +627,16 @@ def test_cli_recipe_reproduces_a_pushed_blend_bit_for_bit(run, dirs, tmp_path):
     assert recipe["method"] == "svd" and recipe["options"] == {"rank": 4} and recipe["weights"] == [0.7, 0.3]
     assert recipe["sources"] == [{"ref": ref, "digest": digest} for ref, digest in pushed.values()]
 
-    r = run("blend", "--recipe", recipe_file, "-o", tmp_path / "again")
+    r = registry_cli("blend", "--recipe", recipe_file, "-o", tmp_path / "again")
     assert r.exit_code == 0, r.output
-    r = run("pull", "team/x", "-o", tmp_path / "pulled", "--format", "peft")
+    r = registry_cli("pull", "team/x", "-o", tmp_path / "pulled", "--format", "peft")
     assert r.exit_code == 0, r.output
     assert_same_files(tmp_path / "again", tmp_path / "pulled")
     # and it is the library's svd blend of the two
     want = blend([read_adapter(dirs["c4"]), read_adapter(dirs["r8_qup"])], [0.7, 0.3], "svd", rank=4)
     assert_deltas(deltas(read_adapter(tmp_path / "again")), deltas(want), 0.0)
 
-    r = run("show", "team/x", "--json")
+    r = registry_cli("show", "team/x", "--json")
     assert r.exit_code == 0, r.output
     manifest = json.loads(r.output)["manifest"]
     assert manifest["parents"] == [{"ref": ref, "digest": digest, "weight": w}
@@ -656,10 +644,10 @@ def test_cli_recipe_reproduces_a_pushed_blend_bit_for_bit(run, dirs, tmp_path):
     assert manifest["recipe"] == recipe
 
 
-def test_cli_blend_of_directories_needs_no_registry(run, dirs, tmp_path):
+def test_cli_blend_of_directories_needs_no_registry(registry_cli, dirs, tmp_path):
     a, b = shutil.copytree(dirs["c4"], tmp_path / "a"), shutil.copytree(dirs["d4"], tmp_path / "b")
     recipe_file = tmp_path / "r.json"
-    r = run("blend", a, b, "--weights", "1,-0.5", "--method", "dare_linear", "--density", "0.5", "--seed", "3",
+    r = registry_cli("blend", a, b, "--weights", "1,-0.5", "--method", "dare_linear", "--density", "0.5", "--seed", "3",
             "--rank", "4", "-o", tmp_path / "out", "--save-recipe", recipe_file)
     assert r.exit_code == 0, r.output
     assert not (tmp_path / "reg").exists()
@@ -667,19 +655,19 @@ def test_cli_blend_of_directories_needs_no_registry(run, dirs, tmp_path):
     assert recipe["seed"] == 3 and [s["path"] for s in recipe["sources"]] == [str(a), str(b)]
     want = blend([read_adapter(a), read_adapter(b)], [1, -0.5], "dare_linear", rank=4, density=0.5, seed=3)
     assert_deltas(deltas(read_adapter(tmp_path / "out")), deltas(want), 0.0)
-    r = run("blend", "--recipe", recipe_file, "-o", tmp_path / "again")
+    r = registry_cli("blend", "--recipe", recipe_file, "-o", tmp_path / "again")
     assert r.exit_code == 0, r.output
     assert_same_files(tmp_path / "out", tmp_path / "again")
     # a directory source that changed since the recipe was written is refused
     (b / "adapter_config.json").write_text((b / "adapter_config.json").read_text() + "\n")
-    r = run("blend", "--recipe", recipe_file, "-o", tmp_path / "third")
+    r = registry_cli("blend", "--recipe", recipe_file, "-o", tmp_path / "third")
     assert r.exit_code == 1 and "changed since the recipe was written" in r.output
     assert not (tmp_path / "third").exists()
 
 
-def test_cli_blend_reports_incompatible_inputs(run, dirs, tmp_path):
-    r = run("blend", dirs["c4"], dirs["ia3_a"], "-o", tmp_path / "out")
+def test_cli_blend_reports_incompatible_inputs(registry_cli, dirs, tmp_path):
+    r = registry_cli("blend", dirs["c4"], dirs["ia3_a"], "-o", tmp_path / "out")
     assert r.exit_code == 1 and "error[kind-mismatch]" in r.output
-    r = run("blend", dirs["c4"], dirs["d4"], "--method", "nope", "-o", tmp_path / "out")
+    r = registry_cli("blend", dirs["c4"], dirs["d4"], "--method", "nope", "-o", tmp_path / "out")
     assert r.exit_code == 1 and "choose one of" in r.output
     assert not (tmp_path / "out").exists()

@@ -16,90 +16,80 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "registry" / "demo"
 
 
-@pytest.fixture
-def run(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTERHUB_REGISTRY", str(tmp_path / "reg"))
-
-    def _run(*args: object):
-        return CliRunner().invoke(cli, [str(a) for a in args])
-
-    return _run
-
-
-def test_push_prints_ref_and_digest_last(run):
-    result = run("push", ADAPTERS_LIB / "minilm_lora", "team/sent", "--tag", "prod", "--metric", "acc=0.9",
+def test_push_prints_ref_and_digest_last(registry_cli):
+    result = registry_cli("push", ADAPTERS_LIB / "minilm_lora", "team/sent", "--tag", "prod", "--metric", "acc=0.9",
                  "--description", "first")
     assert result.exit_code == 0, result.output
     last = result.output.strip().splitlines()[-1]
     ref, digest = last.split()
     assert ref == "team/sent@1" and digest.startswith("sha256:") and len(digest) == 71
-    again = run("push", ADAPTERS_LIB / "minilm_lora", "team/sent@1")
+    again = registry_cli("push", ADAPTERS_LIB / "minilm_lora", "team/sent@1")
     assert again.exit_code == 0 and "identical content; nothing pushed" in again.output
     assert again.output.strip().splitlines()[-1] == last
-    clash = run("push", ADAPTERS_LIB / "minilm_lora_all", "team/sent@1")
+    clash = registry_cli("push", ADAPTERS_LIB / "minilm_lora_all", "team/sent@1")
     assert clash.exit_code == 1 and "already exists with different content" in clash.output
 
 
-def test_push_with_base_refuses_an_incompatible_adapter(run):
-    result = run("push", ADAPTERS_LIB / "minilm_lora", "x", "--base", ADAPTERS_LIB / "tiny_llama_base")
+def test_push_with_base_refuses_an_incompatible_adapter(registry_cli):
+    result = registry_cli("push", ADAPTERS_LIB / "minilm_lora", "x", "--base", ADAPTERS_LIB / "tiny_llama_base")
     assert result.exit_code == 1
     assert "error[target-missing]" in result.output and "INCOMPATIBLE" in result.output
-    assert run("list", "--json").output.strip() == "[]"
+    assert registry_cli("list", "--json").output.strip() == "[]"
 
 
-def test_bad_names_exit_2_before_touching_disk(run, tmp_path):
+def test_bad_names_exit_2_before_touching_disk(registry_cli, tmp_path):
     for bad in ("../evil", "/abs", "Team/x", "a/b/c", "ａ"):
-        result = run("push", ADAPTERS_LIB / "minilm_lora", bad)
+        result = registry_cli("push", ADAPTERS_LIB / "minilm_lora", bad)
         assert result.exit_code == 2 and "error: invalid name" in result.output, (bad, result.output)
     assert not (tmp_path / "reg").exists()
 
 
-def test_list_show_tag_untag_rm_gc_verify(run):
-    run("push", ADAPTERS_LIB / "minilm_lora", "team/sent", "--tag", "prod")
-    run("push", ADAPTERS_LIB / "minilm_lora_all", "team/sent")
-    run("push", ADAPTERS_LIB / "llama_seq_bn", "team/bn")
-    rows = json.loads(run("list", "--json").output)
+def test_list_show_tag_untag_rm_gc_verify(registry_cli):
+    registry_cli("push", ADAPTERS_LIB / "minilm_lora", "team/sent", "--tag", "prod")
+    registry_cli("push", ADAPTERS_LIB / "minilm_lora_all", "team/sent")
+    registry_cli("push", ADAPTERS_LIB / "llama_seq_bn", "team/bn")
+    rows = json.loads(registry_cli("list", "--json").output)
     assert [(r["ref"], r["tags"]) for r in rows] == [("team/bn@1", ["latest"]), ("team/sent@1", ["prod"]),
                                                      ("team/sent@2", ["latest"])]
-    assert [r["ref"] for r in json.loads(run("list", "team/s*", "--kind", "lora", "--json").output)] == [
+    assert [r["ref"] for r in json.loads(registry_cli("list", "team/s*", "--kind", "lora", "--json").output)] == [
         "team/sent@1", "team/sent@2"]
-    assert [r["ref"] for r in json.loads(run("list", "--tag", "prod", "--json").output)] == ["team/sent@1"]
-    assert "KIND" in run("list").output
-    shown = json.loads(run("show", "team/sent@prod", "--json").output)
+    assert [r["ref"] for r in json.loads(registry_cli("list", "--tag", "prod", "--json").output)] == ["team/sent@1"]
+    assert "KIND" in registry_cli("list").output
+    shown = json.loads(registry_cli("show", "team/sent@prod", "--json").output)
     assert shown["ref"] == "team/sent@1" and shown["manifest"]["kind"] == "lora"
-    assert "adapter.safetensors" in run("show", "team/sent").output
-    assert run("tag", "team/sent@1", "latest").exit_code == 0
-    assert json.loads(run("show", "team/sent", "--json").output)["ref"] == "team/sent@1"
-    assert run("untag", "team/sent", "latest").exit_code == 0
-    assert json.loads(run("show", "team/sent", "--json").output)["ref"] == "team/sent@2"
-    assert run("rm", "team/sent").exit_code == 2  # a version must be named
-    assert run("rm", "team/sent@2").exit_code == 0
-    dry = json.loads(run("gc", "--dry-run", "--json").output)
+    assert "adapter.safetensors" in registry_cli("show", "team/sent").output
+    assert registry_cli("tag", "team/sent@1", "latest").exit_code == 0
+    assert json.loads(registry_cli("show", "team/sent", "--json").output)["ref"] == "team/sent@1"
+    assert registry_cli("untag", "team/sent", "latest").exit_code == 0
+    assert json.loads(registry_cli("show", "team/sent", "--json").output)["ref"] == "team/sent@2"
+    assert registry_cli("rm", "team/sent").exit_code == 2  # a version must be named
+    assert registry_cli("rm", "team/sent@2").exit_code == 0
+    dry = json.loads(registry_cli("gc", "--dry-run", "--json").output)
     assert dry["blobs"] and dry["expected_freed_size"] > 0
-    assert "freed" in run("gc").output
-    verified = run("verify", "--json")
+    assert "freed" in registry_cli("gc").output
+    verified = registry_cli("verify", "--json")
     assert verified.exit_code == 0 and json.loads(verified.output)["ok"] is True
-    assert run("show", "team/nope").exit_code == 1
+    assert registry_cli("show", "team/nope").exit_code == 1
 
 
-def test_pull_and_verify_detect_a_corrupt_blob(run, tmp_path):
-    run("push", ADAPTERS_LIB / "minilm_lora", "team/sent")
-    pulled = run("pull", "team/sent", "-o", tmp_path / "out", "--format", "peft")
+def test_pull_and_verify_detect_a_corrupt_blob(registry_cli, tmp_path):
+    registry_cli("push", ADAPTERS_LIB / "minilm_lora", "team/sent")
+    pulled = registry_cli("pull", "team/sent", "-o", tmp_path / "out", "--format", "peft")
     assert pulled.exit_code == 0, pulled.output
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
-    assert run("pull", "team/sent", "-o", tmp_path / "out").exit_code == 2  # not empty, no --force
-    manifest = json.loads(run("show", "team/sent", "--json").output)["manifest"]
+    assert registry_cli("pull", "team/sent", "-o", tmp_path / "out").exit_code == 2  # not empty, no --force
+    manifest = json.loads(registry_cli("show", "team/sent", "--json").output)["manifest"]
     weights = next(f for f in manifest["files"] if f["path"] == "adapter.safetensors")["sha256"]
     blob = tmp_path / "reg" / "blobs" / "sha256" / weights[:2] / weights[2:]
     blob.chmod(0o644)
     data = bytearray(blob.read_bytes())
     data[-1] ^= 0xFF
     blob.write_bytes(bytes(data))
-    bad = run("pull", "team/sent", "-o", tmp_path / "again")
+    bad = registry_cli("pull", "team/sent", "-o", tmp_path / "again")
     assert bad.exit_code == 1 and "is corrupt (sha256 mismatch)" in bad.output and str(blob) in bad.output
     assert f"expected: sha256:{weights}" in bad.output
     assert not (tmp_path / "again").exists()
-    report = run("verify")
+    report = registry_cli("verify")
     assert report.exit_code == 1 and "DAMAGED" in report.output and "adapter.safetensors" in report.output
 
 

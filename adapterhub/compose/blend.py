@@ -71,15 +71,6 @@ def method(name: str, *, kinds: Sequence[str], options: Sequence[str] = (), summ
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-def _common_dtype(adapters: Sequence[Adapter], names: Sequence[tuple[int, str]]) -> torch.dtype:
-    import torch
-
-    from adapterhub.dtypes import st_to_torch
-
-    dtypes = {adapters[i].tensors.dtype(n) for i, n in names}
-    return st_to_torch(dtypes.pop()) if len(dtypes) == 1 else torch.float32
-
-
 @dataclass
 class _Factors:
     """One module of one adapter: A (r x in), B (out x r), its scale and blend weight.
@@ -347,12 +338,17 @@ def _ia3_sum(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
         for name, shape in shapes.items():  # a module an adapter does not scale has the identity vector
             v = (a.tensors[name].double() if name in own else torch.ones(shape, dtype=torch.float64)) * w
             out[name] = out[name] + v if name in out else v
+    return _ia3_result(adapters, out, "linear")
+
+
+def _ia3_result(adapters: Sequence[Adapter], vectors: dict[str, torch.Tensor], method: str) -> Adapter:
+    """An IA3 adapter from combined vectors, in the first input's dtype, feed-forward sides kept."""
     first = adapters[0]
     dtype = first.tensors[next(iter(first.tensors))].dtype
     ff = sorted({m for a in adapters for m in a.modules() if a.spec.is_feedforward(m)})
     spec = IA3Spec(target_modules=None, feedforward_modules=tuple(ff), fan_in_fan_out=first.spec.fan_in_fan_out)
-    return Adapter(kind="ia3", spec=spec, tensors=Tensors({k: v.to(dtype) for k, v in out.items()}),
-                   base=_base(adapters), extra={"blend": {"method": "linear"}})
+    return Adapter(kind="ia3", spec=spec, tensors=Tensors({k: v.to(dtype) for k, v in vectors.items()}),
+                   base=_base(adapters), extra={"blend": {"method": method}})
 
 
 def _param_average(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
@@ -442,12 +438,7 @@ def stack(adapters: Sequence[Adapter], *, labels: Sequence[str] | None = None) -
                 name = a.module_tensors(m)["ia3_l"]
                 v = a.tensors[name].double()
                 vectors[name] = vectors[name] * v if name in vectors else v
-        dtype = adapters[0].tensors[next(iter(adapters[0].tensors))].dtype
-        ff = sorted({m for a in adapters for m in a.modules() if a.spec.is_feedforward(m)})
-        spec = IA3Spec(target_modules=None, feedforward_modules=tuple(ff),
-                       fan_in_fan_out=adapters[0].spec.fan_in_fan_out)
-        return Adapter(kind="ia3", spec=spec, tensors=Tensors({k: v.to(dtype) for k, v in vectors.items()}),
-                       base=_base(adapters), extra={"blend": {"method": "stack"}})
+        return _ia3_result(adapters, vectors, "stack")
     if kind == "prefix":
         from adapterhub.formats.adapters_lib import prefix_values
 

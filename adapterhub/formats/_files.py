@@ -44,8 +44,9 @@ def dump_json(data: dict[str, Any]) -> str:
 
 def load_weights(
     directory: Path, safetensors_name: str, pickle_names: tuple[str, ...], *, allow_pickle: bool
-) -> dict[str, TensorInfo | torch.Tensor]:
-    """Entries of the directory's weights file: safetensors headers, or tensors from an allowed pickle.
+) -> tuple[dict[str, TensorInfo | torch.Tensor], dict[str, str]]:
+    """Entries of the directory's weights file (safetensors headers, or tensors from an allowed
+    pickle) and the safetensors metadata (empty for a pickle).
 
     Raises:
         PickleRefusedError: only a pickle file exists and ``allow_pickle`` is false.
@@ -53,7 +54,8 @@ def load_weights(
     """
     st = directory / safetensors_name
     if st.is_file():
-        return dict(read_header(st).tensors)
+        header = read_header(st)
+        return dict(header.tensors), header.metadata
     for name in pickle_names:
         pk = directory / name
         if pk.is_file():
@@ -64,7 +66,7 @@ def load_weights(
                     f"  fix: if you trust its source, pass --allow-pickle (Python: allow_pickle=True); it is "
                     f"then read with torch.load(weights_only=True), which loads tensors only. Better, convert "
                     f"it once to {safetensors_name}.", path=pk)
-            return _load_pickle(pk)
+            return _load_pickle(pk), {}
     raise MissingFileError(
         f"{directory} has no weights file: expected {safetensors_name}"
         + (f" (or, with --allow-pickle, {' / '.join(pickle_names)})" if pickle_names else "") + ".",

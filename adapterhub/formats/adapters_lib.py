@@ -70,7 +70,7 @@ def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     config = doc["config"]
     name = doc.get("name")
     arch = architecture_of(config)
-    entries = load_weights(path, WEIGHTS_NAME, PICKLE_NAMES, allow_pickle=allow_pickle)
+    entries, _ = load_weights(path, WEIGHTS_NAME, PICKLE_NAMES, allow_pickle=allow_pickle)
     tensors: dict[str, Any] = {}
     for key, entry in entries.items():
         canonical = _to_canonical(key, name)
@@ -80,8 +80,9 @@ def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     if not tensors:
         raise CorruptFileError(f"{path}: no adapter tensors named after adapter '{name}'.", path=path)
     base = BaseModelRef(name_or_path=doc.get("model_name"))
-    kind, spec = _spec(arch, config, doc, tensors, Tensors(tensors), path)
-    return Adapter(kind=kind, spec=spec, tensors=Tensors(tensors), base=base, name=name,
+    view = Tensors(tensors)
+    kind, spec = _spec(arch, config, doc, view, path)
+    return Adapter(kind=kind, spec=spec, tensors=view, base=base, name=name,
                    extra={"adapters": doc}, source=path)
 
 
@@ -109,8 +110,7 @@ def _to_library(canonical: str, name: str, kind: str) -> str:
     return f"{canonical[: m.end()]}{name}.{canonical[m.end():]}"
 
 
-def _spec(arch: str, config: dict[str, Any], doc: dict[str, Any], entries: dict[str, Any], t: Tensors,
-          path: Path) -> tuple[str, Any]:
+def _spec(arch: str, config: dict[str, Any], doc: dict[str, Any], t: Tensors, path: Path) -> tuple[str, Any]:
     if arch == "lora":
         for key, what in (("use_gating", "gated LoRA"), ("use_dora", "DoRA"), ("vera_d", "VeRA"),
                           ("vera_b", "VeRA")):
@@ -125,10 +125,10 @@ def _spec(arch: str, config: dict[str, Any], doc: dict[str, Any], entries: dict[
         length = int(config["prefix_length"])
         flat = bool(config.get("flat"))
         if flat:
-            names = [n for n in entries if n.endswith(".control_trans")]
+            names = [n for n in t if n.endswith(".control_trans")]
             widths = {t.numel(n) // length for n in names}
         else:
-            names = [n for n in entries if n.endswith(".control_trans.2.weight")]
+            names = [n for n in t if n.endswith(".control_trans.2.weight")]
             widths = {t.shape(n)[0] for n in names}
         if len(names) != 1:
             raise UnsupportedAdapterError(

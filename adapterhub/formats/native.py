@@ -64,7 +64,7 @@ def read(path: str | Path) -> Adapter:
         base = BaseModelRef(**doc.get("base") or {})
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptFileError(f"{path / CONFIG_NAME}: invalid document ({e}).", path=path) from e
-    entries = load_weights(path, WEIGHTS_NAME, (), allow_pickle=False)
+    entries, _ = load_weights(path, WEIGHTS_NAME, (), allow_pickle=False)
     return Adapter(kind=kind, spec=spec, tensors=Tensors(entries), base=base, name=doc.get("name"),
                    extra=doc.get("extra") or {}, source=path)
 

@@ -18,7 +18,7 @@ from adapterhub.adapter import (
     Tensors,
     split_name,
 )
-from adapterhub.errors import CorruptFileError, FormatError, UnsupportedAdapterError
+from adapterhub.errors import CorruptFileError, UnsupportedAdapterError
 from adapterhub.formats._files import atomic_directory, dump_json, load_weights, read_json
 from adapterhub.tensorfile import save_tensors
 
@@ -68,12 +68,7 @@ def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
         raise UnsupportedAdapterError(
             f"{path}: PEFT type {peft_type!r} is not supported; adapterhub reads "
             f"{', '.join(PEFT_TYPES)}.", path=path)
-    entries = load_weights(path, WEIGHTS_NAME, PICKLE_NAMES, allow_pickle=allow_pickle)
-    metadata: dict[str, str] = {}
-    if (path / WEIGHTS_NAME).is_file():
-        from adapterhub.tensorfile import read_header
-
-        metadata = read_header(path / WEIGHTS_NAME).metadata
+    entries, metadata = load_weights(path, WEIGHTS_NAME, PICKLE_NAMES, allow_pickle=allow_pickle)
     try:
         spec = _spec_from_config(kind, config)
     except UnsupportedAdapterError as e:
@@ -235,4 +230,4 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False) -> Pat
     return path
 
 
-__all__ = ["read", "write", "config_for", "is_peft_config", "FormatError"]
+__all__ = ["read", "write", "config_for", "is_peft_config"]
