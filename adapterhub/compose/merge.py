@@ -103,24 +103,113 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[Adapter], weights: Seque
     return plan
 
 
-def fold(name: str, weight: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+#: float32 rows folded per block: small enough to stay in cache between the copy, addmm_ and rounding
+BLOCK_BYTES = 4 << 20
+
+
+def fold(name: str, weight: torch.Tensor, plan: MergePlan, *, dtype: torch.dtype | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
     """The base tensor ``name`` with every planned contribution folded in (float32, rounded once).
 
     Consecutive plain LoRA contributions are folded with one ``addmm_`` of their concatenated
-    factors (scales on A), so the weight is traversed once however many adapters touch it.
+    factors (scales on A), so the weight is traversed once however many adapters touch it; when
+    only LoRA touches a weight it is folded in cache-sized row blocks straight into the output.
+
+    Args:
+        dtype: the result's dtype (default the weight's); the float32 sum is rounded to it once.
+        out: a contiguous tensor of the weight's shape and ``dtype`` to write the result into (a
+            streaming caller reuses buffers this way); the weight is returned as is if nothing folds.
+
+    Raises:
+        MergeError: the result holds NaN/Inf (nothing should be written).
     """
     import torch
 
     folds = plan.folds.get(name)
+    dtype = dtype or weight.dtype
     if not folds:
-        return weight
-    out_dtype = weight.dtype
+        if out is not None:
+            return out.copy_(weight)
+        return weight if weight.dtype == dtype else weight.to(dtype)
+    if weight.dim() == 2 and all(f.role in ("lora", "lora_embedding") for f in folds):
+        if out is None:
+            out = torch.empty(weight.shape, dtype=dtype)
+        _addmm_blocked(weight, *_lora_factors(plan, folds), out)
+    elif out is None:
+        out = _fold_general(name, weight, plan, folds).to(dtype)
+    else:
+        out.copy_(_fold_general(name, weight, plan, folds))
+    if not _all_finite(out):
+        bad = int((~torch.isfinite(out)).sum())
+        sources = sorted({str(plan.adapters[f.adapter].source or plan.adapters[f.adapter].name) for f in folds})
+        raise MergeError(f"folding into {name} gives {bad} NaN/Inf value(s) (from {', '.join(sources)}).\n"
+                         "  fix: check the adapter's weights and the blend weights; nothing was written.")
+    return out
+
+
+def _lora_factors(plan: MergePlan, folds: list[Fold]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) with ``W + left @ right`` the sum of the folds (plain LoRA / embedding LoRA only)."""
+    import torch
+
+    lefts, rights = [], []
+    for f in folds:
+        a = plan.adapters[f.adapter]
+        names, t = a.module_tensors(f.module), a.tensors
+        scale = a.spec.scale(f.module) * f.weight
+        if f.role == "lora_embedding":  # W (vocab x dim) += scale * A^T B^T
+            lefts.append(t[names["lora_embedding_A"]].to(torch.float32).T)
+            rights.append(t[names["lora_embedding_B"]].to(torch.float32).T * scale)
+            continue
+        A, B = t[names["lora_A"]].to(torch.float32), t[names["lora_B"]].to(torch.float32)
+        if a.spec.fan_in_fan_out:
+            A, B = B.T, A.T
+        lefts.append(B)
+        rights.append(A * scale)
+    return torch.cat(lefts, dim=1).contiguous(), torch.cat(rights, dim=0).contiguous()
+
+
+def _addmm_blocked(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = weight + left @ right``, computed in float32 one row block at a time and rounded to ``out``."""
+    import torch
+
+    rows, cols = weight.shape
+    if left.shape != (rows, right.shape[0]) or right.shape[1] != cols or out.shape != weight.shape:
+        raise MergeError(f"LoRA factors {tuple(left.shape)} @ {tuple(right.shape)} do not fit a weight of shape "
+                         f"{(rows, cols)}.")
+    dtype = out.dtype
+    step = max(1, BLOCK_BYTES // (4 * max(cols, 1)))
+    scratch = None if dtype == torch.float32 else torch.empty((min(step, rows), cols), dtype=torch.float32)
+    for i in range(0, rows, step):
+        j = min(i + step, rows)
+        block = out[i:j] if scratch is None else scratch[: j - i]
+        block.copy_(weight[i:j])
+        block.addmm_(left[i:j], right)
+        if scratch is not None:
+            out[i:j].copy_(block)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``: a sum is finite only if every term is (one fast pass); exact check if not."""
+    import torch
+
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if t.dtype != torch.float16 and bool(torch.isfinite(t.sum())):  # float16 sums overflow too easily
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def _fold_general(name: str, weight: torch.Tensor, plan: MergePlan, folds: list[Fold]) -> torch.Tensor:
+    """Every fold role (IA3, DoRA, biases, carried copies) on a float32 copy of the weight."""
+    import torch
+
     w = weight.to(torch.float32, copy=True)
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (scale * A, B) in W's orientation
+    pending: list[Fold] = []  # plain LoRA folds, applied together
 
     def flush() -> None:
         if pending:
-            w.addmm_(torch.cat([b for _, b in pending], dim=1), torch.cat([a for a, _ in pending], dim=0))
+            left, right = _lora_factors(plan, pending)
+            w.addmm_(left, right)
             pending.clear()
 
     for f in folds:
@@ -136,30 +225,19 @@ def fold(name: str, weight: torch.Tensor, plan: MergePlan) -> torch.Tensor:
             vec = t[names["ia3_l"]].to(torch.float32)
             w.mul_(vec.T if a.spec.fan_in_fan_out else vec)
             continue
-        scale = a.spec.scale(f.module) * f.weight
         if f.role == "lora_bias":
-            w.add_(t[names["lora_B.bias"]].to(torch.float32), alpha=scale)
+            w.add_(t[names["lora_B.bias"]].to(torch.float32), alpha=a.spec.scale(f.module) * f.weight)
             continue
-        if f.role == "lora_embedding":  # W (vocab x dim) += scale * A^T B^T
-            A, B = t[names["lora_embedding_A"]].to(torch.float32), t[names["lora_embedding_B"]].to(torch.float32)
-            pending.append((B.T * scale, A.T))
-            continue
-        A, B = t[names["lora_A"]].to(torch.float32), t[names["lora_B"]].to(torch.float32)
         if w.dim() != 2:
             raise MergeError(f"{name}: folding LoRA into a {w.dim()}-d weight (convolution) is not supported.")
-        pending.append((B.T * scale, A.T) if a.spec.fan_in_fan_out else (A * scale, B))
+        pending.append(f)
         if f.role == "dora":
             flush()
             magnitude = t[names["lora_magnitude_vector"]].to(torch.float32)
             norm = torch.linalg.vector_norm(w, dim=1)
             w.mul_((magnitude / norm).unsqueeze(1))
     flush()
-    if not torch.isfinite(w).all():
-        bad = int((~torch.isfinite(w)).sum())
-        sources = sorted({str(plan.adapters[f.adapter].source or plan.adapters[f.adapter].name) for f in folds})
-        raise MergeError(f"folding into {name} gives {bad} NaN/Inf value(s) (from {', '.join(sources)}).\n"
-                         "  fix: check the adapter's weights and the blend weights; nothing was written.")
-    return w.to(out_dtype)
+    return w
 
 
 def merge_into(base: BaseCheckpoint, adapters: Sequence[Adapter], weights: Sequence[float] | None = None,

@@ -1,0 +1,269 @@
+"""Sequential reads and writes of large files that bypass the page cache (``O_DIRECT``) where the
+file system allows it, with a plain buffered fallback.
+
+Streaming a multi-gigabyte checkpoint through the page cache costs a kernel copy of every byte and
+a page-cache allocation per 4 KiB, and evicts the user's working set; on small machines that
+kernel work, not the disk, is the bottleneck. Direct I/O moves the bytes by DMA between the disk
+and our own aligned buffers instead.
+
+Pieces: :func:`aligned_empty` (a byte tensor at an aligned address), :class:`BufferPool` (a few
+reusable buffers shared between threads, so memory stays bounded and pages are faulted in once),
+:class:`DirectReader` (byte ranges of files) and :class:`DirectWriter` (an append-only file that
+writes whole aligned blocks, straight from the caller's memory when its address allows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from adapterhub.errors import CorruptFileError
+
+if TYPE_CHECKING:
+    import torch
+
+#: alignment of direct I/O addresses, offsets and lengths (a multiple of every common logical block size)
+ALIGN = 4096
+#: bytes a writer gathers before writing them as whole blocks
+STAGING_BYTES = 8 << 20
+_HAS_DIRECT = hasattr(os, "O_DIRECT")
+
+
+class Aborted(Exception):
+    """Another thread of the same pipeline failed; this one stops."""
+
+
+def aligned_empty(nbytes: int, align: int = ALIGN) -> torch.Tensor:
+    """An uninitialised 1-d uint8 tensor of ``nbytes`` whose data starts at a multiple of ``align``."""
+    import torch
+
+    raw = torch.empty(nbytes + align, dtype=torch.uint8)
+    skip = -raw.data_ptr() % align
+    return raw[skip: skip + nbytes]
+
+
+@dataclass
+class Lease:
+    """One buffer of a :class:`BufferPool`, held until :meth:`release`."""
+
+    pool: BufferPool
+    slot: int
+    data: torch.Tensor  # the requested bytes (a view into the slot's buffer)
+
+    def release(self) -> None:
+        self.pool._release(self.slot)
+
+
+class BufferPool:
+    """``count`` reusable byte buffers handed out in turn; :meth:`acquire` waits for a free one.
+
+    Buffers grow to the largest request seen and are kept, so their pages are faulted in once per
+    export rather than once per tensor; memory is bounded by ``count`` times the largest request.
+    """
+
+    def __init__(self, count: int, abort: threading.Event | None = None) -> None:
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for slot in range(count):
+            self._free.put(slot)
+        self._buffers: list[torch.Tensor | None] = [None] * count
+        self._abort = abort
+
+    def acquire(self, nbytes: int, phase: int = 0) -> Lease:
+        """A lease on ``nbytes`` whose first byte sits at ``phase`` past an :data:`ALIGN` boundary.
+
+        Raises:
+            Aborted: the pool's abort event was set while waiting.
+        """
+        while True:
+            try:
+                slot = self._free.get(timeout=0.05)
+                break
+            except queue.Empty:
+                if self._abort is not None and self._abort.is_set():
+                    raise Aborted from None
+        need = phase + nbytes
+        buf = self._buffers[slot]
+        if buf is None or buf.numel() < need:
+            self._buffers[slot] = None  # free the smaller one before allocating
+            buf = self._buffers[slot] = aligned_empty(need)
+        return Lease(self, slot, buf[phase:need])
+
+    def _release(self, slot: int) -> None:
+        self._free.put(slot)
+
+
+def _open(path: Path | str, flags: int, direct: bool, mode: int = 0o644) -> tuple[int, bool]:
+    """(fd, is_direct): opened with O_DIRECT when asked and the file system accepts it."""
+    if direct and _HAS_DIRECT:
+        try:
+            return os.open(path, flags | os.O_DIRECT, mode), True
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: the file system has no direct I/O
+                raise
+    return os.open(path, flags, mode), False
+
+
+def _drop_direct(fd: int) -> None:
+    import fcntl
+
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+
+
+def _view(t: torch.Tensor) -> memoryview:
+    return memoryview(t.numpy()) if t.numel() else memoryview(b"")
+
+
+class DirectReader:
+    """Reads byte ranges of files into caller buffers (direct I/O where possible; one fd per file)."""
+
+    def __init__(self, *, direct: bool = True) -> None:
+        self.direct = direct
+        self._files: dict[Path, tuple[int, bool]] = {}
+
+    def read(self, path: Path, offset: int, nbytes: int, pool: BufferPool) -> Lease:
+        """A lease whose ``data`` holds bytes ``[offset, offset + nbytes)`` of ``path``.
+
+        Raises:
+            CorruptFileError: the file ends before ``offset + nbytes``.
+        """
+        fd, direct = self._fd(path)
+        start = offset - offset % ALIGN if direct else offset
+        want = offset + nbytes - start
+        span = -(-want // ALIGN) * ALIGN if direct else want
+        lease = pool.acquire(span)
+        try:
+            got = self._read_into(path, fd, direct, lease.data, start, want)
+            if got < want:
+                raise CorruptFileError(f"{path} ends at byte {start + got}, before byte {offset + nbytes} that its "
+                                       "header promises.\n  fix: the file is truncated; re-download it.", path=path)
+        except BaseException:
+            lease.release()
+            raise
+        lease.data = lease.data[offset - start: offset - start + nbytes]
+        return lease
+
+    def _read_into(self, path: Path, fd: int, direct: bool, buf: torch.Tensor, start: int, want: int) -> int:
+        got = 0
+        view = _view(buf)
+        while got < want:
+            try:
+                n = os.preadv(fd, [view[got:]], start + got)
+            except OSError as e:
+                if not (direct and e.errno == errno.EINVAL):
+                    raise
+                _drop_direct(fd)  # the device refuses this alignment: go on buffered
+                self._files[path] = (fd, False)
+                return got + self._read_into(path, fd, False, buf[got:], start + got, want - got)
+            if n == 0:
+                break
+            got += n
+        return got
+
+    def _fd(self, path: Path) -> tuple[int, bool]:
+        if path not in self._files:
+            self._files[path] = _open(path, os.O_RDONLY | os.O_CLOEXEC, self.direct)
+        return self._files[path]
+
+    def close(self) -> None:
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+    def __enter__(self) -> DirectReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DirectWriter:
+    """An append-only file written in whole aligned blocks (direct I/O where possible).
+
+    Small or misaligned pieces are gathered in an aligned staging buffer; a piece whose address has
+    the same offset from an :data:`ALIGN` boundary as its position in the file is written straight
+    from the caller's memory. :meth:`close` writes the tail, trims the padding and fsyncs.
+    """
+
+    def __init__(self, path: Path, *, direct: bool = True) -> None:
+        self.path = path
+        self.fd, self.direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, direct)
+        self.size = 0  # bytes accepted so far
+        self._staging = aligned_empty(STAGING_BYTES)
+        self._fill = 0  # staged bytes: the file's range [size - fill, size)
+
+    def phase(self) -> int:
+        """Where the next byte falls relative to an :data:`ALIGN` boundary (match it for zero-copy writes)."""
+        return self.size % ALIGN
+
+    def write(self, data: torch.Tensor) -> None:
+        """Append a contiguous 1-d uint8 tensor's bytes."""
+        left = data
+        while left.numel():
+            if not self.direct:
+                self._flush()
+                self._pwrite(left, self.size)
+                self.size += left.numel()
+                return
+            if self._fill % ALIGN == 0 and left.data_ptr() % ALIGN == 0 and left.numel() >= ALIGN:
+                self._flush()
+                n = left.numel() - left.numel() % ALIGN
+                self._pwrite(left[:n], self.size)
+                self.size += n
+                left = left[n:]
+                continue
+            room = STAGING_BYTES - self._fill
+            to_block = -self._fill % ALIGN or ALIGN
+            if (left.data_ptr() + to_block) % ALIGN == 0 and left.numel() > to_block:
+                room = min(room, to_block)  # stop at the block boundary: the rest can go straight out
+            n = min(room, left.numel())
+            ctypes.memmove(self._staging.data_ptr() + self._fill, left.data_ptr(), n)
+            self._fill += n
+            self.size += n
+            left = left[n:]
+            if self._fill == STAGING_BYTES:
+                self._flush()
+
+    def close(self) -> None:
+        """Write what is staged, trim the block padding, fsync and close."""
+        try:
+            if self._fill:
+                pad = -self._fill % ALIGN if self.direct else 0
+                if pad:
+                    self._staging[self._fill: self._fill + pad].zero_()
+                self._pwrite(self._staging[: self._fill + pad], self.size - self._fill)
+                self._fill = 0
+                if pad:
+                    os.ftruncate(self.fd, self.size)
+            os.fsync(self.fd)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close without finishing (the caller removes the file)."""
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+    def _flush(self) -> None:
+        if self._fill:
+            self._pwrite(self._staging[: self._fill], self.size - self._fill)
+            self._fill = 0
+
+    def _pwrite(self, data: torch.Tensor, offset: int) -> None:
+        view, done = _view(data), 0
+        while done < len(view):
+            try:
+                done += os.pwrite(self.fd, view[done:], offset + done)
+            except OSError as e:
+                if not (self.direct and e.errno == errno.EINVAL):
+                    raise
+                _drop_direct(self.fd)  # the device refuses this alignment: go on buffered
+                self.direct = False
