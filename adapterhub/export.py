@@ -157,7 +157,8 @@ def export_merged(base_dir: str | Path, adapters: Sequence[Adapter], out: str | 
     with atomic_directory(out, overwrite=overwrite) as tmp:
         plans = []
         for fname, idx in zip(files, shards, strict=True):
-            shard_entries = [entries[i] for i in idx]
+            # widest dtypes first, as safetensors lays files out: every tensor starts aligned to its dtype
+            shard_entries = sorted((entries[i] for i in idx), key=lambda e: -DTYPE_SIZES[e[1]])
             head, sizes = _header(shard_entries, metadata)
             placed, offset = [], len(head)
             for (name, dt, _), nbytes in zip(shard_entries, sizes, strict=True):
@@ -295,12 +296,9 @@ def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool) -> None:
             (info, dt, offset), lease = msg[1], msg[2]
             target = st_to_torch(dt)
             out = out_pool.acquire(info.numel * target.itemsize, phase=offset % ALIGN)
-            try:
-                weight = _typed(lease.data, st_to_torch(info.dtype), info.shape)
-                if out.data.data_ptr() % target.itemsize == 0:
-                    fold(info.name, weight, plan, dtype=target, out=out.data.view(target).view(info.shape))
-                else:  # an odd-sized tensor before this one: fold elsewhere, then copy the bytes
-                    out.data.copy_(fold(info.name, weight, plan, dtype=target).reshape(-1).view(torch.uint8))
+            try:  # offsets are aligned to the dtype (widest first, header padded to 8): fold in place
+                fold(info.name, _typed(lease.data, st_to_torch(info.dtype), info.shape), plan, dtype=target,
+                     out=out.data.view(target).view(info.shape))
             except BaseException:
                 out.release()
                 raise

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 
 import pytest
 import torch
@@ -229,3 +230,106 @@ def test_export_with_blend_method_and_registry(llama_base, make_peft, tmp_path, 
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         meta = json.loads(f.metadata()["adapterhub.provenance"])
     assert meta["method"] == "svd" and [s["ref"] for s in meta["sources"]] == ["team/a@1", "team/b@1"]
+
+
+def test_direct_and_buffered_io_write_identical_files(sharded_base, make_peft, tmp_path):
+    a = read_adapter(make_peft(sharded_base, LoraConfig(r=4, target_modules="all-linear")))
+    fixed = {"created_at": "2026-01-01T00:00:00Z"}
+    outs = [export_merged(sharded_base, [a], tmp_path / f"o{d}", max_shard_size="120KB", provenance=fixed,
+                          direct_io=d).path for d in (True, False)]
+    files = sorted(p.name for p in outs[0].iterdir())
+    assert files == sorted(p.name for p in outs[1].iterdir()) and len(files) > 3
+    for name in files:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+def write_raw_safetensors(path, tensors: dict[str, torch.Tensor], pad: str) -> None:
+    """A safetensors file in the given tensor order with an unpadded header (offsets need not be aligned)."""
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.uint8: "U8"}
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header).encode() + pad.encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
+
+
+def test_misaligned_base_offsets_and_odd_sized_tensors(llama_base, make_peft, tmp_path):
+    """A base written by another tool: odd header length, a 3-byte tensor first, so every weight starts at an
+    odd offset. The export reads it right and writes an aligned checkpoint (widest dtype first)."""
+    lora = read_adapter(make_peft(llama_base, LoraConfig(r=4, target_modules="all-linear"), seed=5))
+    with safe_open(str(llama_base / "model.safetensors"), "pt") as f:
+        tensors = {"aaa.flags": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+        tensors |= {k: f.get_tensor(k).to(torch.bfloat16) for k in sorted(f.keys())}
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    shutil.copy(llama_base / "config.json", odd / "config.json")
+    write_raw_safetensors(odd / "model.safetensors", tensors, pad=" " * (7 - len(json.dumps({})) % 8))
+    starts = [i.start for i in BaseCheckpoint.open(odd).tensors.values()]
+    assert any(s % 2 for s in starts), "the fixture must put weights at odd offsets"
+    out = export_merged(odd, [lora], tmp_path / "out").path
+    base = BaseCheckpoint.open(odd)
+    from adapterhub.compose.merge import merge_into
+
+    expected = merge_into(base, [lora])
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(expected)
+        for k, v in expected.items():
+            assert torch.equal(f.get_tensor(k), v), k
+    for info in BaseCheckpoint.open(out).tensors.values():
+        assert info.start % (4 if info.dtype == "F32" else 2 if info.dtype == "BF16" else 1) == 0, info
+
+
+def test_float32_export_of_a_bf16_base_is_not_rounded_to_bf16(tmp_path, make_peft):
+    base_dir = save_model(make_llama(0, dtype=torch.bfloat16), tmp_path / "bf16")
+    ad = read_adapter(make_peft(base_dir, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"]), seed=1))
+    out = export_merged(base_dir, [ad], tmp_path / "out", dtype="float32").path
+    name = "model.layers.0.self_attn.q_proj"
+    with safe_open(str(base_dir / "model.safetensors"), "pt") as f:
+        w = f.get_tensor(f"{name}.weight")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        got = f.get_tensor(f"{name}.weight")
+    n = ad.module_tensors(name)
+    exact = w.double() + (ad.tensors[n["lora_B"]].double() @ ad.tensors[n["lora_A"]].double()) * ad.spec.scale(name)
+    assert got.dtype == torch.float32
+    assert float((got.double() - exact).abs().max()) < 1e-6 < float((exact.to(torch.bfloat16).double() - exact)
+                                                                        .abs().max())
+
+
+def test_a_failing_read_stops_the_pipeline_and_leaves_nothing(sharded_base, make_peft, tmp_path, monkeypatch):
+    """An error on the reader thread (here: a shard that shrank after it was opened) reaches the caller,
+    every thread stops, and nothing is left at the target."""
+    from adapterhub import streamio
+
+    a = read_adapter(make_peft(sharded_base, LoraConfig(r=4, target_modules="all-linear")))
+    real = streamio.DirectReader.read
+    calls = []
+
+    def read(self, path, offset, nbytes, pool):
+        calls.append(path)
+        if len(calls) == 5:
+            raise streamio.CorruptFileError(f"{path} ends early: the file is truncated.", path=path)
+        return real(self, path, offset, nbytes, pool)
+
+    monkeypatch.setattr(streamio.DirectReader, "read", read)
+    before = threading.active_count()
+    with pytest.raises(streamio.CorruptFileError, match="truncated"):
+        export_merged(sharded_base, [a], tmp_path / "out", max_shard_size="120KB")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+    assert threading.active_count() == before
+
+
+def test_a_nan_fold_stops_the_pipeline_and_leaves_nothing(llama_base, make_peft, tmp_path):
+    from adapterhub.adapter import Tensors
+    from adapterhub.compose.merge import MergeError
+
+    a = read_adapter(make_peft(llama_base, LoraConfig(r=4, target_modules=["v_proj"])))
+    names = a.module_tensors("model.layers.1.self_attn.v_proj")
+    bad = a.tensors[names["lora_B"]].clone()
+    bad[0, 0] = float("nan")
+    poisoned = a.replace(tensors=Tensors({**{k: a.tensors[k] for k in a.tensors}, names["lora_B"]: bad}))
+    with pytest.raises(MergeError, match=r"v_proj\.weight gives 64 NaN"):
+        export_merged(llama_base, [poisoned], tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
