@@ -211,11 +211,23 @@ class _Shard:
 
 #: untouched tensors are copied in pieces of at most this many bytes
 RAW_CHUNK = 16 << 20
+#: 2-d tensors are folded in row pieces of at most this many output bytes (bounds memory for huge ones)
+FOLD_PIECE = 64 << 20
+
+
+def _row_pieces(info: TensorInfo, dtype: str) -> list[tuple[int, int] | None]:
+    """Row ranges to fold a tensor in (``[None]``: in one piece, not row-separable or not 2-d)."""
+    if len(info.shape) != 2 or info.shape[0] == 0:
+        return [None]
+    rows, row_bytes = info.shape[0], math.ceil(info.shape[1] * DTYPE_SIZES[dtype])
+    step = max(1, FOLD_PIECE // max(row_bytes, 1))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
 def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool) -> None:
     """Write every shard: a reader thread fetches base bytes, this thread folds, a writer thread
-    writes, so disk reads, folding and disk writes overlap; memory is five pooled buffers.
+    writes, so disk reads, folding and disk writes overlap; memory is five pooled buffers of at most
+    one tensor (or :data:`FOLD_PIECE` of a 2-d one) each.
 
     Raises the first error of any of the three (the others stop at their next step).
     """
@@ -254,8 +266,17 @@ def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool) -> None:
                 to_fold.put(("open", shard, None))
                 for info, dt, offset in shard.entries:
                     if plan.touches(info.name) or dt != info.dtype:
-                        to_fold.put(("fold", (info, dt, offset), reader.read(info.path, info.start, info.nbytes,
-                                                                             in_pool)))
+                        for rows in _row_pieces(info, dt):
+                            start, stop, shape = info.start, info.end, info.shape
+                            if rows is not None:
+                                row_in = info.nbytes // info.shape[0]
+                                start, stop = info.start + rows[0] * row_in, info.start + rows[1] * row_in
+                                shape = (rows[1] - rows[0], info.shape[1])
+                                at = offset + rows[0] * math.ceil(info.shape[1] * DTYPE_SIZES[dt])
+                            else:
+                                at = offset
+                            piece = reader.read(info.path, start, stop - start, in_pool)
+                            to_fold.put(("fold", (info, dt, at, rows, shape), piece))
                         continue
                     for at in range(0, info.nbytes, RAW_CHUNK):  # untouched: passed through in pieces
                         n = min(RAW_CHUNK, info.nbytes - at)
@@ -293,12 +314,12 @@ def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool) -> None:
             if msg[0] != "fold":
                 to_write.put(msg)
                 continue
-            (info, dt, offset), lease = msg[1], msg[2]
+            (info, dt, offset, rows, shape), lease = msg[1], msg[2]
             target = st_to_torch(dt)
-            out = out_pool.acquire(info.numel * target.itemsize, phase=offset % ALIGN)
+            out = out_pool.acquire(math.prod(shape) * target.itemsize, phase=offset % ALIGN)
             try:  # offsets are aligned to the dtype (widest first, header padded to 8): fold in place
-                fold(info.name, _typed(lease.data, st_to_torch(info.dtype), info.shape), plan, dtype=target,
-                     out=out.data.view(target).view(info.shape))
+                fold(info.name, _typed(lease.data, st_to_torch(info.dtype), shape), plan, dtype=target,
+                     out=out.data.view(target).view(shape), rows=rows)
             except BaseException:
                 out.release()
                 raise

@@ -4,15 +4,17 @@ Builds a synthetic Llama-shaped bf16 checkpoint (>= 3B parameters, sharded into 
 three rank-16 LoRAs on every linear module, then in one run, each step in its own process with the
 page cache of the inputs dropped before it:
 
-  copy   `cp -r` of the base checkpoint
-  ours   `adapterhub export A B C --base BASE -o OUT`
+  copy   `cp -r` of the base checkpoint (no fsync)
+  ours   `adapterhub export A B C --base BASE -o OUT` (fsyncs every file it writes)
   peft   AutoModelForCausalLM.from_pretrained -> PeftModel.from_pretrained + merge_and_unload (x3)
          -> save_pretrained (the route that holds the whole model in RAM)
 
-and prints wall time and peak RSS of each. Goals: our peak RSS <= largest shard + 1 GB; our time
-<= 1.5x the plain copy. Needs ~30 GB of free disk; not a test.
+Copy and ours run --repeat times, interleaved (disk throughput on shared VMs swings 2x from minute
+to minute), and the table gives their medians; PEFT runs once. It prints wall time, CPU time and
+peak RSS of each. Goals: our peak RSS <= largest shard + 1 GB; our time <= 1.5x the plain copy.
+Needs ~30 GB of free disk; not a test.
 
-    .venv/bin/python bench/export.py [--dir DIR] [--keep] [--small]
+    .venv/bin/python bench/export.py [--dir DIR] [--keep] [--small] [--repeat N] [--skip-peft]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,9 +138,11 @@ def drop_cache(*paths: Path) -> bool:
     return ok
 
 
-def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GiB) of a child process: its VmHWM, polled from /proc while it runs
-    (rusage's ru_maxrss would include this driver's own memory, inherited across fork)."""
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (GiB) of a child process: its VmHWM,
+    polled from /proc while it runs (rusage's ru_maxrss would include this driver's own memory,
+    inherited across fork)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -154,7 +159,9 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:3]} failed: {proc.stderr.read()[-2000:]}")
-    return wall, peak_kib / 1024 / 1024
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return wall, cpu, peak_kib / 1024 / 1024
 
 
 PEFT_ROUTE = """
@@ -175,6 +182,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--small", action="store_true", help="a ~0.3B model instead of >= 3B (smoke run)")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved runs of copy and ours (median reported)")
     args = ap.parse_args()
     cfg = SMALL if args.small else FULL
     shard = (256 if args.small else 3000) * 1024 * 1024
@@ -186,34 +194,42 @@ def main() -> None:
         loras = make_loras(work, cfg)
         setup = time.perf_counter() - t0
         base_size = sum(f.stat().st_size for f in (work / "base").iterdir())
-        rows = []
-        runs = [("plain copy (`cp -r`)", ["cp", "-r", str(work / "base"), str(work / "copy")], work / "copy"),
-                ("adapterhub export", [adapterhub_cli, "export", *map(str, loras), "--base", str(work / "base"),
-                                       "-o", str(work / "ours"), "--max-shard-size", "5GB"], work / "ours")]
-        if not args.skip_peft:
-            runs.append(("PEFT: from_pretrained + merge_and_unload x3 + save_pretrained",
-                         [PY, "-c", PEFT_ROUTE, str(work / "base"), str(work / "peft"), *map(str, loras)],
-                         work / "peft"))
+        copy = ("plain copy (`cp -r`)", ["cp", "-r", str(work / "base"), str(work / "copy")], work / "copy")
+        ours = ("adapterhub export", [adapterhub_cli, "export", *map(str, loras), "--base", str(work / "base"),
+                                      "-o", str(work / "ours"), "--max-shard-size", "5GB"], work / "ours")
+        peft = ("PEFT: from_pretrained + merge_and_unload x3 + save_pretrained",
+                [PY, "-c", PEFT_ROUTE, str(work / "base"), str(work / "peft"), *map(str, loras)], work / "peft")
+        runs = [copy, ours] * max(1, args.repeat) + ([] if args.skip_peft else [peft])
+        results: dict[str, list[tuple[float, float, float, int, bool]]] = {}
         for label, cmd, out in runs:
+            shutil.rmtree(out, ignore_errors=True)
             dropped = drop_cache(work / "base", *loras)
-            wall, rss = timed(cmd, {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(os.cpu_count())})
+            wall, cpu, rss = timed(cmd, {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(os.cpu_count())})
             size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-            rows.append((label, wall, rss, size, dropped))
-            if out != work / "ours":
-                shutil.rmtree(out, ignore_errors=True)
-        copy_wall = rows[0][1]
+            results.setdefault(label, []).append((wall, cpu, rss, size, dropped))
+            print(f"  {label}: {wall:.1f} s", file=sys.stderr, flush=True)
+        for _, _, out in (copy, peft):
+            shutil.rmtree(out, ignore_errors=True)
+
+        def median(label: str, k: int) -> float:
+            return statistics.median(r[k] for r in results[label])
+
+        copy_wall = median(copy[0], 0)
         print(f"\n### Merged export: {params / 1e9:.2f}B-parameter bf16 Llama-shaped checkpoint, "
               f"{base_size / 2**30:.2f} GiB in {len(list((work / 'base').glob('*.safetensors')))} shards "
               f"(largest {largest / 2**30:.2f} GiB), 3 x rank-16 LoRA on all linear modules\n")
-        print("| route | wall time | vs copy | peak RSS | output | page cache dropped |")
-        print("|---|---|---|---|---|---|")
-        for label, wall, rss, size, dropped in rows:
-            print(f"| {label} | {wall:.1f} s | {wall / copy_wall:.2f}x | {rss:.2f} GiB | {size / 2**30:.2f} GiB | "
-                  f"{'yes' if dropped else 'no'} |")
-        ours = next(r for r in rows if r[0] == "adapterhub export")
+        print("| route | runs | wall time (median) | all runs | vs copy | CPU time | peak RSS | output | "
+              "page cache dropped |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for label, rows in results.items():
+            wall = median(label, 0)
+            print(f"| {label} | {len(rows)} | {wall:.1f} s | {', '.join(f'{r[0]:.1f}' for r in rows)} | "
+                  f"{wall / copy_wall:.2f}x | {median(label, 1):.1f} s | {max(r[2] for r in rows):.2f} GiB | "
+                  f"{rows[0][3] / 2**30:.2f} GiB | {'yes' if all(r[4] for r in rows) else 'no'} |")
+        ours_wall, ours_rss = median(ours[0], 0), max(r[2] for r in results[ours[0]])
         print(f"\ngoals: peak RSS <= largest shard + 1 GB = {(largest + 2**30) / 2**30:.2f} GiB -> "
-              f"{'met' if ours[2] * 2**30 <= largest + 2**30 else 'NOT met'}; time <= 1.5x copy -> "
-              f"{'met' if ours[1] <= 1.5 * copy_wall else 'NOT met'} ({ours[1] / copy_wall:.2f}x)")
+              f"{'met' if ours_rss * 2**30 <= largest + 2**30 else 'NOT met'}; time <= 1.5x copy -> "
+              f"{'met' if ours_wall <= 1.5 * copy_wall else 'NOT met'} ({ours_wall / copy_wall:.2f}x, medians)")
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(f"setup (writing the synthetic checkpoint and LoRAs, untimed): {setup:.0f} s; "
               f"{os.cpu_count()} cores; this driver's own peak RSS {own:.2f} GiB")

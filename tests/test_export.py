@@ -333,3 +333,24 @@ def test_a_nan_fold_stops_the_pipeline_and_leaves_nothing(llama_base, make_peft,
     with pytest.raises(MergeError, match=r"v_proj\.weight gives 64 NaN"):
         export_merged(llama_base, [poisoned], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("config", [
+    LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"]),
+    LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["embed_tokens", "v_proj"],
+               modules_to_save=["lm_head"]),
+    IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+], ids=["dora", "rslora-embedding-carried-head", "ia3"])
+def test_huge_tensors_are_folded_in_row_pieces(llama_base, make_peft, tmp_path, monkeypatch, config):
+    """With pieces of a few rows (as a 70B embedding would get at the default size) the export still equals
+    PEFT's merge, for every fold role."""
+    import adapterhub.export as export_module
+
+    monkeypatch.setattr(export_module, "FOLD_PIECE", 700)
+    a = make_peft(llama_base, config, seed=4)
+    assert len(export_module._row_pieces(BaseCheckpoint.open(llama_base).tensors["lm_head.weight"], "F32")) > 50
+    out = export_merged(llama_base, [read_adapter(a)], tmp_path / "out").path
+    ref = peft_merged(llama_base, [a]).state_dict()
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        for k, v in ref.items():
+            torch.testing.assert_close(f.get_tensor(k), v, rtol=0, atol=1e-6, msg=k)

@@ -108,7 +108,7 @@ BLOCK_BYTES = 4 << 20
 
 
 def fold(name: str, weight: torch.Tensor, plan: MergePlan, *, dtype: torch.dtype | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """The base tensor ``name`` with every planned contribution folded in (float32, rounded once).
 
     Consecutive plain LoRA contributions are folded with one ``addmm_`` of their concatenated
@@ -119,6 +119,8 @@ def fold(name: str, weight: torch.Tensor, plan: MergePlan, *, dtype: torch.dtype
         dtype: the result's dtype (default the weight's); the float32 sum is rounded to it once.
         out: a contiguous tensor of the weight's shape and ``dtype`` to write the result into (a
             streaming caller reuses buffers this way); the weight is returned as is if nothing folds.
+        rows: ``(start, stop)`` when ``weight`` holds only those rows of the 2-d base tensor: every
+            fold role works row by row, so a huge tensor can be folded piece by piece.
 
     Raises:
         MergeError: the result holds NaN/Inf (nothing should be written).
@@ -131,40 +133,46 @@ def fold(name: str, weight: torch.Tensor, plan: MergePlan, *, dtype: torch.dtype
         if out is not None:
             return out.copy_(weight)
         return weight if weight.dtype == dtype else weight.to(dtype)
+    if rows is not None and (weight.dim() != 2 or rows[1] - rows[0] != weight.shape[0]):
+        raise MergeError(f"{name}: rows {rows} do not match a weight piece of shape {tuple(weight.shape)}.")
     if weight.dim() == 2 and all(f.role in ("lora", "lora_embedding") for f in folds):
         if out is None:
             out = torch.empty(weight.shape, dtype=dtype)
-        _addmm_blocked(weight, *_lora_factors(plan, folds), out)
+        _addmm_blocked(weight, *_lora_factors(plan, folds, rows), out)
     elif out is None:
-        out = _fold_general(name, weight, plan, folds).to(dtype)
+        out = _fold_general(name, weight, plan, folds, rows).to(dtype)
     else:
-        out.copy_(_fold_general(name, weight, plan, folds))
+        out.copy_(_fold_general(name, weight, plan, folds, rows))
     if not _all_finite(out):
         bad = int((~torch.isfinite(out)).sum())
         sources = sorted({str(plan.adapters[f.adapter].source or plan.adapters[f.adapter].name) for f in folds})
-        raise MergeError(f"folding into {name} gives {bad} NaN/Inf value(s) (from {', '.join(sources)}).\n"
+        where = f" (rows {rows[0]}-{rows[1] - 1})" if rows else ""
+        raise MergeError(f"folding into {name} gives {bad} NaN/Inf value(s){where} (from {', '.join(sources)}).\n"
                          "  fix: check the adapter's weights and the blend weights; nothing was written.")
     return out
 
 
-def _lora_factors(plan: MergePlan, folds: list[Fold]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(left, right) with ``W + left @ right`` the sum of the folds (plain LoRA / embedding LoRA only)."""
+def _lora_factors(plan: MergePlan, folds: list[Fold], rows: tuple[int, int] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) with ``W + left @ right`` the sum of the folds (plain LoRA / embedding LoRA only);
+    ``left`` holds only ``rows`` when given."""
     import torch
 
+    pick = slice(*rows) if rows else slice(None)
     lefts, rights = [], []
     for f in folds:
         a = plan.adapters[f.adapter]
         names, t = a.module_tensors(f.module), a.tensors
         scale = a.spec.scale(f.module) * f.weight
         if f.role == "lora_embedding":  # W (vocab x dim) += scale * A^T B^T
-            lefts.append(t[names["lora_embedding_A"]].to(torch.float32).T)
+            lefts.append(t[names["lora_embedding_A"]].T[pick].to(torch.float32))
             rights.append(t[names["lora_embedding_B"]].to(torch.float32).T * scale)
             continue
-        A, B = t[names["lora_A"]].to(torch.float32), t[names["lora_B"]].to(torch.float32)
+        A, B = t[names["lora_A"]], t[names["lora_B"]]
         if a.spec.fan_in_fan_out:
             A, B = B.T, A.T
-        lefts.append(B)
-        rights.append(A * scale)
+        lefts.append(B[pick].to(torch.float32))
+        rights.append(A.to(torch.float32) * scale)
     return torch.cat(lefts, dim=1).contiguous(), torch.cat(rights, dim=0).contiguous()
 
 
@@ -199,16 +207,19 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def _fold_general(name: str, weight: torch.Tensor, plan: MergePlan, folds: list[Fold]) -> torch.Tensor:
-    """Every fold role (IA3, DoRA, biases, carried copies) on a float32 copy of the weight."""
+def _fold_general(name: str, weight: torch.Tensor, plan: MergePlan, folds: list[Fold],
+                  rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Every fold role (IA3, DoRA, biases, carried copies) on a float32 copy of the weight (of its
+    ``rows`` when given: each role acts row by row)."""
     import torch
 
+    pick = slice(*rows) if rows else slice(None)
     w = weight.to(torch.float32, copy=True)
     pending: list[Fold] = []  # plain LoRA folds, applied together
 
     def flush() -> None:
         if pending:
-            left, right = _lora_factors(plan, pending)
+            left, right = _lora_factors(plan, pending, rows)
             w.addmm_(left, right)
             pending.clear()
 
@@ -217,13 +228,14 @@ def _fold_general(name: str, weight: torch.Tensor, plan: MergePlan, folds: list[
         t = a.tensors
         if f.role == "replace":
             flush()
-            w = t[f.module].to(torch.float32, copy=True)
+            w = t[f.module][pick].to(torch.float32, copy=True)
             continue
         names = a.module_tensors(f.module)
         if f.role == "ia3":
             flush()
             vec = t[names["ia3_l"]].to(torch.float32)
-            w.mul_(vec.T if a.spec.fan_in_fan_out else vec)
+            vec = vec.T if a.spec.fan_in_fan_out else vec
+            w.mul_(vec[pick] if vec.dim() == 2 and vec.shape[0] > 1 else vec)  # (out, 1) scales rows
             continue
         if f.role == "lora_bias":
             w.add_(t[names["lora_B.bias"]].to(torch.float32), alpha=a.spec.scale(f.module) * f.weight)
@@ -233,7 +245,7 @@ def _fold_general(name: str, weight: torch.Tensor, plan: MergePlan, folds: list[
         pending.append(f)
         if f.role == "dora":
             flush()
-            magnitude = t[names["lora_magnitude_vector"]].to(torch.float32)
+            magnitude = t[names["lora_magnitude_vector"]][pick].to(torch.float32)
             norm = torch.linalg.vector_norm(w, dim=1)
             w.mul_((magnitude / norm).unsqueeze(1))
     flush()
