@@ -116,8 +116,8 @@ def export_merged(base_dir: str | Path, adapters: Sequence[Adapter], out: str | 
     Raises:
         ExportError, MergeError, CompatibilityError, BaseCheckpointError: nothing is written at ``out``.
 
-    Memory: a few tensors at a time (two being read, one folding, two being written) plus small
-    fixed buffers, independent of the model's size.
+    Memory: five pooled buffers (reading, folding, writing), each at most one tensor or a 64 MiB
+    row piece of a 2-d one, plus small fixed buffers: independent of the model's size.
     """
     from adapterhub.formats import write_adapter
     from adapterhub.formats._files import atomic_directory
