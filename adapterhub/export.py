@@ -211,23 +211,33 @@ class _Shard:
 
 #: untouched tensors are copied in pieces of at most this many bytes
 RAW_CHUNK = 16 << 20
-#: 2-d tensors are folded in row pieces of at most this many output bytes (bounds memory for huge ones)
+#: 2-d tensors are folded (and any tensor converted) in row pieces of at most this many input or
+#: output bytes, which bounds memory for huge tensors
 FOLD_PIECE = 64 << 20
 
 
-def _row_pieces(info: TensorInfo, dtype: str) -> list[tuple[int, int] | None]:
-    """Row ranges to fold a tensor in (``[None]``: in one piece, not row-separable or not 2-d)."""
-    if len(info.shape) != 2 or info.shape[0] == 0:
-        return [None]
-    rows, row_bytes = info.shape[0], math.ceil(info.shape[1] * DTYPE_SIZES[dtype])
+def _row_pieces(rows: int, cols: int, in_dtype: str, out_dtype: str) -> list[tuple[int, int]]:
+    """Row ranges of a ``rows x cols`` tensor, each at most :data:`FOLD_PIECE` bytes in and out."""
+    row_bytes = math.ceil(cols * max(DTYPE_SIZES[in_dtype], DTYPE_SIZES[out_dtype]))
     step = max(1, FOLD_PIECE // max(row_bytes, 1))
     return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
+def _fold_pieces(info: TensorInfo, out_dtype: str, folded: bool) -> list[tuple[tuple[int, int] | None,
+                                                                              tuple[int, ...]]]:
+    """``(rows, piece shape)`` to read and fold a tensor in: row pieces of a folded 2-d tensor, flat
+    pieces of a tensor only converted to another dtype, else the whole tensor (``rows`` None)."""
+    if folded and len(info.shape) == 2 and info.shape[0]:
+        return [((a, b), (b - a, info.shape[1])) for a, b in _row_pieces(*info.shape, info.dtype, out_dtype)]
+    if not folded and info.numel:  # conversion only: element-wise, any shape splits as a column
+        return [(None, (b - a, 1)) for a, b in _row_pieces(info.numel, 1, info.dtype, out_dtype)]
+    return [(None, info.shape)]
+
+
 def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool) -> None:
     """Write every shard: a reader thread fetches base bytes, this thread folds, a writer thread
-    writes, so disk reads, folding and disk writes overlap; memory is five pooled buffers of at most
-    one tensor (or :data:`FOLD_PIECE` of a 2-d one) each.
+    writes, so disk reads, folding and disk writes overlap; memory is five pooled buffers, each at
+    most :data:`FOLD_PIECE` (or one tensor that is folded but not 2-d: a bias, a convolution).
 
     Raises the first error of any of the three (the others stop at their next step).
     """
@@ -260,27 +270,29 @@ def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool) -> None:
                 abort.set()
         return run
 
+    def read_bytes(reader: DirectReader, info: TensorInfo, start: int, nbytes: int) -> Any:
+        try:
+            return reader.read(info.path, info.start + start, nbytes, in_pool)
+        except OSError as e:
+            raise ExportError(f"reading {info.name} from {info.path} failed: {e.strerror or e}.\n  fix: check the "
+                              "base checkpoint's disk and files; nothing was written.") from e
+
     def read() -> None:
         with DirectReader(direct=direct) as reader:
             for shard in shards:
                 to_fold.put(("open", shard, None))
                 for info, dt, offset in shard.entries:
                     if plan.touches(info.name) or dt != info.dtype:
-                        for rows in _row_pieces(info, dt):
-                            start, stop, shape = info.start, info.end, info.shape
-                            if rows is not None:
-                                row_in = info.nbytes // info.shape[0]
-                                start, stop = info.start + rows[0] * row_in, info.start + rows[1] * row_in
-                                shape = (rows[1] - rows[0], info.shape[1])
-                                at = offset + rows[0] * math.ceil(info.shape[1] * DTYPE_SIZES[dt])
-                            else:
-                                at = offset
-                            piece = reader.read(info.path, start, stop - start, in_pool)
-                            to_fold.put(("fold", (info, dt, at, rows, shape), piece))
+                        done = 0  # elements before this piece
+                        for rows, shape in _fold_pieces(info, dt, plan.touches(info.name)):
+                            n = math.prod(shape)
+                            start, at = (math.ceil(done * DTYPE_SIZES[d]) for d in (info.dtype, dt))
+                            piece = read_bytes(reader, info, start, math.ceil(n * DTYPE_SIZES[info.dtype]))
+                            to_fold.put(("fold", (info, dt, offset + at, rows, shape), piece))
+                            done += n
                         continue
                     for at in range(0, info.nbytes, RAW_CHUNK):  # untouched: passed through in pieces
-                        n = min(RAW_CHUNK, info.nbytes - at)
-                        to_fold.put(("raw", None, reader.read(info.path, info.start + at, n, in_pool)))
+                        to_fold.put(("raw", None, read_bytes(reader, info, at, min(RAW_CHUNK, info.nbytes - at))))
                 to_fold.put(("close", shard, None))
         to_fold.put(None)
 
@@ -288,6 +300,8 @@ def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool) -> None:
         writer = None
         try:
             while (msg := take(to_write)) is not None:
+                if abort.is_set():
+                    raise Aborted
                 kind, shard, lease = msg
                 if kind == "open":
                     writer = DirectWriter(shard.path, direct=direct)
@@ -333,8 +347,14 @@ def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool) -> None:
         errors.insert(0, e)
         abort.set()
     finally:
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.join()
+        except BaseException:  # e.g. Ctrl-C while waiting for the writer: stop it before anything is removed
+            abort.set()
+            for t in threads:
+                t.join()
+            raise
     if errors:
         raise errors[0]
 

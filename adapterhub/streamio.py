@@ -56,9 +56,13 @@ class Lease:
     pool: BufferPool
     slot: int
     data: torch.Tensor  # the requested bytes (a view into the slot's buffer)
+    released: bool = False
 
     def release(self) -> None:
-        self.pool._release(self.slot)
+        """Hand the buffer back (once; later calls do nothing)."""
+        if not self.released:
+            self.released = True
+            self.pool._release(self.slot)
 
 
 class BufferPool:
@@ -99,13 +103,13 @@ class BufferPool:
         self._free.put(slot)
 
 
-def _open(path: Path | str, flags: int, direct: bool, mode: int = 0o644) -> tuple[int, bool]:
+def _open(path: Path | str, flags: int, direct: bool, mode: int = 0o666) -> tuple[int, bool]:
     """(fd, is_direct): opened with O_DIRECT when asked and the file system accepts it."""
     if direct and _HAS_DIRECT:
         try:
             return os.open(path, flags | os.O_DIRECT, mode), True
         except OSError as e:
-            if e.errno != errno.EINVAL:  # EINVAL: the file system has no direct I/O
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # the file system has no direct I/O
                 raise
     return os.open(path, flags, mode), False
 
@@ -193,14 +197,10 @@ class DirectWriter:
 
     def __init__(self, path: Path, *, direct: bool = True) -> None:
         self.path = path
-        self.fd, self.direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, direct)
-        self.size = 0  # bytes accepted so far
         self._staging = aligned_empty(STAGING_BYTES)
         self._fill = 0  # staged bytes: the file's range [size - fill, size)
-
-    def phase(self) -> int:
-        """Where the next byte falls relative to an :data:`ALIGN` boundary (match it for zero-copy writes)."""
-        return self.size % ALIGN
+        self.size = 0  # bytes accepted so far
+        self.fd, self.direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, direct)
 
     def write(self, data: torch.Tensor) -> None:
         """Append a contiguous 1-d uint8 tensor's bytes."""

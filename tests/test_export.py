@@ -298,9 +298,13 @@ def test_float32_export_of_a_bf16_base_is_not_rounded_to_bf16(tmp_path, make_pef
                                                                         .abs().max())
 
 
-def test_a_failing_read_stops_the_pipeline_and_leaves_nothing(sharded_base, make_peft, tmp_path, monkeypatch):
-    """An error on the reader thread (here: a shard that shrank after it was opened) reaches the caller,
-    every thread stops, and nothing is left at the target."""
+@pytest.mark.parametrize("failure", ["truncated", "io-error"])
+def test_a_failing_read_stops_the_pipeline_and_leaves_nothing(sharded_base, make_peft, tmp_path, monkeypatch,
+                                                              failure):
+    """An error on the reader thread (a shard that shrank after it was opened, a disk error) reaches the
+    caller as a clear error, every thread stops, and nothing is left at the target."""
+    import errno
+
     from adapterhub import streamio
 
     a = read_adapter(make_peft(sharded_base, LoraConfig(r=4, target_modules="all-linear")))
@@ -310,12 +314,16 @@ def test_a_failing_read_stops_the_pipeline_and_leaves_nothing(sharded_base, make
     def read(self, path, offset, nbytes, pool):
         calls.append(path)
         if len(calls) == 5:
-            raise streamio.CorruptFileError(f"{path} ends early: the file is truncated.", path=path)
+            if failure == "truncated":
+                raise streamio.CorruptFileError(f"{path} ends early: the file is truncated.", path=path)
+            raise OSError(errno.EIO, "Input/output error")
         return real(self, path, offset, nbytes, pool)
 
     monkeypatch.setattr(streamio.DirectReader, "read", read)
     before = threading.active_count()
-    with pytest.raises(streamio.CorruptFileError, match="truncated"):
+    expected = (streamio.CorruptFileError, "truncated") if failure == "truncated" else (ExportError,
+                                                                                        "(?s)reading .*Input/output")
+    with pytest.raises(expected[0], match=expected[1]):
         export_merged(sharded_base, [a], tmp_path / "out", max_shard_size="120KB")
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
     assert threading.active_count() == before
@@ -348,9 +356,64 @@ def test_huge_tensors_are_folded_in_row_pieces(llama_base, make_peft, tmp_path, 
 
     monkeypatch.setattr(export_module, "FOLD_PIECE", 700)
     a = make_peft(llama_base, config, seed=4)
-    assert len(export_module._row_pieces(BaseCheckpoint.open(llama_base).tensors["lm_head.weight"], "F32")) > 50
+    assert len(export_module._row_pieces(*BaseCheckpoint.open(llama_base).tensors["lm_head.weight"].shape, "F32",
+                                         "F32")) > 50
     out = export_merged(llama_base, [read_adapter(a)], tmp_path / "out").path
     ref = peft_merged(llama_base, [a]).state_dict()
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         for k, v in ref.items():
             torch.testing.assert_close(f.get_tensor(k), v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_dtype_conversion_in_pieces_and_float16_overflow(tmp_path, monkeypatch):
+    """Converted tensors are streamed in flat pieces of any shape; a value float16 cannot hold is refused
+    with a fix, not written as inf."""
+    import adapterhub.export as export_module
+
+    monkeypatch.setattr(export_module, "FOLD_PIECE", 96)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(7, 13, generator=g), "b.bias": torch.randn(29, generator=g),
+               "c.scalar": torch.tensor(0.5), "d.conv": torch.randn(3, 2, 5, generator=g),
+               "e.ids": torch.arange(10, dtype=torch.int64)}
+    base = tmp_path / "base"
+    base.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(base / "model.safetensors"))
+    out = export_merged(base, [], tmp_path / "out", dtype="bfloat16").path
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        for k, t in tensors.items():
+            assert torch.equal(f.get_tensor(k), t.to(torch.bfloat16) if t.is_floating_point() else t), k
+    tensors["b.bias"][3] = 1e6
+    save_file(tensors, str(base / "model.safetensors"))
+    from adapterhub.compose.merge import MergeError
+
+    with pytest.raises(MergeError, match=r"(?s)b\.bias: 1 value\(s\) overflow torch.float16.*--dtype"):
+        export_merged(base, [], tmp_path / "out16", dtype="float16")
+    assert not (tmp_path / "out16").exists()
+
+
+def test_float8_weights_fold_and_fnuz_dtypes_convert(tmp_path):
+    from adapterhub.adapter import Adapter, LoraSpec, Tensors
+    from adapterhub.dtypes import st_to_torch
+
+    assert st_to_torch("F8_E4M3FNUZ") == torch.float8_e4m3fnuz
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(16, 8, generator=g) * 0.5).to(torch.float8_e4m3fn)
+    other = (torch.randn(4, 4, generator=g)).to(torch.float8_e4m3fnuz)
+    base = tmp_path / "base"
+    base.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"layer.proj.weight": w, "other.weight": other}, str(base / "model.safetensors"))
+    A, B = torch.randn(2, 8, generator=g) * 0.1, torch.randn(16, 2, generator=g) * 0.1
+    lora = Adapter(kind="lora", spec=LoraSpec(r=2, alpha=2, target_modules=["proj"]),
+                   tensors=Tensors({"layer.proj.lora_A": A, "layer.proj.lora_B": B}))
+    out = export_merged(base, [lora], tmp_path / "out").path
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        got = f.get_tensor("layer.proj.weight")
+        assert got.dtype == torch.float8_e4m3fn
+        assert torch.equal(got.float(), (w.float() + B @ A).to(torch.float8_e4m3fn).float())
+    conv = export_merged(base, [], tmp_path / "bf16", dtype="bfloat16").path
+    with safe_open(str(conv / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("other.weight"), other.to(torch.bfloat16))

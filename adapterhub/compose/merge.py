@@ -118,38 +118,55 @@ def fold(name: str, weight: torch.Tensor, plan: MergePlan, *, dtype: torch.dtype
     Args:
         dtype: the result's dtype (default the weight's); the float32 sum is rounded to it once.
         out: a contiguous tensor of the weight's shape and ``dtype`` to write the result into (a
-            streaming caller reuses buffers this way); the weight is returned as is if nothing folds.
+            streaming caller reuses buffers this way). Without it, a weight nothing folds into is
+            returned as is when ``dtype`` matches.
         rows: ``(start, stop)`` when ``weight`` holds only those rows of the 2-d base tensor: every
             fold role works row by row, so a huge tensor can be folded piece by piece.
 
     Raises:
-        MergeError: the result holds NaN/Inf (nothing should be written).
+        MergeError: the float32 result holds NaN/Inf, or rounding it to a narrow ``dtype`` (float16,
+            float8) overflows (nothing should be written).
     """
     import torch
 
     folds = plan.folds.get(name)
     dtype = dtype or weight.dtype
     if not folds:
-        if out is not None:
-            return out.copy_(weight)
-        return weight if weight.dtype == dtype else weight.to(dtype)
+        if out is None and weight.dtype == dtype:
+            return weight
+        result = weight.to(dtype) if out is None else out.copy_(weight)
+        _check_range(name, result, weight)
+        return result
     if rows is not None and (weight.dim() != 2 or rows[1] - rows[0] != weight.shape[0]):
         raise MergeError(f"{name}: rows {rows} do not match a weight piece of shape {tuple(weight.shape)}.")
     if weight.dim() == 2 and all(f.role in ("lora", "lora_embedding") for f in folds):
         if out is None:
             out = torch.empty(weight.shape, dtype=dtype)
-        _addmm_blocked(weight, *_lora_factors(plan, folds, rows), out)
-    elif out is None:
-        out = _fold_general(name, weight, plan, folds, rows).to(dtype)
+        finite = _addmm_blocked(weight, *_lora_factors(plan, folds, rows), out)
     else:
-        out.copy_(_fold_general(name, weight, plan, folds, rows))
-    if not _all_finite(out):
-        bad = int((~torch.isfinite(out)).sum())
+        w = _fold_general(name, weight, plan, folds, rows)
+        finite = _all_finite(w)
+        out = w.to(dtype) if out is None else out.copy_(w)
+    if not finite:
+        bad = _count_non_finite(out)
         sources = sorted({str(plan.adapters[f.adapter].source or plan.adapters[f.adapter].name) for f in folds})
         where = f" (rows {rows[0]}-{rows[1] - 1})" if rows else ""
         raise MergeError(f"folding into {name} gives {bad} NaN/Inf value(s){where} (from {', '.join(sources)}).\n"
                          "  fix: check the adapter's weights and the blend weights; nothing was written.")
+    _check_range(name, out, weight)
     return out
+
+
+def _check_range(name: str, result: torch.Tensor, source: torch.Tensor) -> None:
+    """Refuse values that overflowed while rounding to a dtype narrower than float32 (float16, float8)."""
+    import torch
+
+    if not result.is_floating_point() or torch.finfo(result.dtype).max >= torch.finfo(torch.float32).max:
+        return
+    if not _all_finite(result) and _all_finite(source):
+        raise MergeError(f"{name}: {_count_non_finite(result)} value(s) overflow {result.dtype} (largest "
+                         f"{torch.finfo(result.dtype).max:g}) when rounded.\n  fix: export as bfloat16 or float32 "
+                         "(--dtype); nothing was written.")
 
 
 def _lora_factors(plan: MergePlan, folds: list[Fold], rows: tuple[int, int] | None = None
@@ -176,8 +193,9 @@ def _lora_factors(plan: MergePlan, folds: list[Fold], rows: tuple[int, int] | No
     return torch.cat(lefts, dim=1).contiguous(), torch.cat(rights, dim=0).contiguous()
 
 
-def _addmm_blocked(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = weight + left @ right``, computed in float32 one row block at a time and rounded to ``out``."""
+def _addmm_blocked(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out = weight + left @ right``, computed in float32 one row block at a time and rounded to ``out``;
+    whether every float32 value was finite."""
     import torch
 
     rows, cols = weight.shape
@@ -187,24 +205,34 @@ def _addmm_blocked(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor
     dtype = out.dtype
     step = max(1, BLOCK_BYTES // (4 * max(cols, 1)))
     scratch = None if dtype == torch.float32 else torch.empty((min(step, rows), cols), dtype=torch.float32)
+    finite = True
     for i in range(0, rows, step):
         j = min(i + step, rows)
         block = out[i:j] if scratch is None else scratch[: j - i]
         block.copy_(weight[i:j])
         block.addmm_(left[i:j], right)
+        finite = _all_finite(block) and finite  # checked while the block is in cache
         if scratch is not None:
             out[i:j].copy_(block)
+    return finite
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf in ``t``: a sum is finite only if every term is (one fast pass); exact check if not."""
+    """No NaN/Inf in ``t`` (one pass: min and max propagate NaN and reach +-Inf; no boolean temporary)."""
     import torch
 
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    if t.dtype != torch.float16 and bool(torch.isfinite(t.sum())):  # float16 sums overflow too easily
-        return True
-    return bool(torch.isfinite(t).all())
+    if t.element_size() == 1:  # float8: few CPU kernels
+        t = t.to(torch.float32)
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _count_non_finite(t: torch.Tensor) -> int:
+    import torch
+
+    return int((~torch.isfinite(t.to(torch.float32) if t.element_size() == 1 else t)).sum())
 
 
 def _fold_general(name: str, weight: torch.Tensor, plan: MergePlan, folds: list[Fold],
