@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -117,3 +120,28 @@ def registry_cli(tmp_path, monkeypatch) -> Callable[..., object]:
         return CliRunner().invoke(cli, [str(a) for a in args])
 
     return _run
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """A mounted 1 MB tmpfs, to make writes fail with ENOSPC for real (skips unless root may mount)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tiny tmpfs needs root")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if m.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {m.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def raw_file(path: Path, header: object, data: bytes = b"", *, header_bytes: bytes | None = None,
+             declared_len: int | None = None) -> Path:
+    """Write ``<u64 LE header length><header JSON><data>``; ``declared_len`` overrides the length prefix."""
+    hb = json.dumps(header).encode() if header_bytes is None else header_bytes
+    n = len(hb) if declared_len is None else declared_len
+    path.write_bytes(struct.pack("<Q", n) + hb + data)
+    return path

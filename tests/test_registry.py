@@ -990,36 +990,26 @@ def test_a_failed_push_keeps_the_registry_usable_in_the_same_process(tmp_path):
     assert reg.resolve("x@stable").version == "1" and reg.verify().ok
 
 
-def test_full_disk_is_a_clear_storage_error_and_leaves_no_version(tmp_path, big_adapter):
-    if not IS_ROOT:
-        pytest.skip("mounting a tiny tmpfs needs root")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if m.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {m.stderr.strip()}")
-    try:
-        root = mnt / "reg"
-        reg = Registry(root)
-        small = reg.push(LLAMA_LORA, "x")
-        with pytest.raises(StorageError) as e:
-            reg.push(big_adapter, "x")
-        assert "disk is full" in str(e.value) and "fix:" in str(e.value)
-        assert set(disk_refs(root)) == {("x", "1")}
-        assert list((root / "tmp").iterdir()) == [], "the partial blob was left in staging"
-        assert reg.resolve("x").digest == small.digest
-        report = reg.verify()
-        assert report.ok, report.problems
-        for orphan in report.orphans:  # files stored before the big one ran out of space: complete, unused
-            assert orphan.what == "blob"
-            path = Path(orphan.where)
-            assert sha256_file(path) == f"sha256:{path.parent.name}{path.name}"
-        reg.gc(temp_grace=0)
-        assert reg.verify().orphans == []
-        assert reg.push(LLAMA_LORA, "y").version == "1", "the registry still works"
-        reg.close()
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def test_full_disk_is_a_clear_storage_error_and_leaves_no_version(big_adapter, tiny_disk):
+    root = tiny_disk / "reg"
+    reg = Registry(root)
+    small = reg.push(LLAMA_LORA, "x")
+    with pytest.raises(StorageError) as e:
+        reg.push(big_adapter, "x")
+    assert "disk is full" in str(e.value) and "fix:" in str(e.value)
+    assert set(disk_refs(root)) == {("x", "1")}
+    assert list((root / "tmp").iterdir()) == [], "the partial blob was left in staging"
+    assert reg.resolve("x").digest == small.digest
+    report = reg.verify()
+    assert report.ok, report.problems
+    for orphan in report.orphans:  # files stored before the big one ran out of space: complete, unused
+        assert orphan.what == "blob"
+        path = Path(orphan.where)
+        assert sha256_file(path) == f"sha256:{path.parent.name}{path.name}"
+    reg.gc(temp_grace=0)
+    assert reg.verify().orphans == []
+    assert reg.push(LLAMA_LORA, "y").version == "1", "the registry still works"
+    reg.close()
 
 
 # --- 10. load ------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import raw_file
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -27,15 +28,6 @@ from adapterhub.tensorfile import MAX_HEADER_BYTES, SafetensorsHeader, TensorInf
 def entry(dtype: object, shape: object, start: object, end: object) -> dict[str, object]:
     """One header entry, exactly as given (no checking: the point is to be able to lie)."""
     return {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
-
-
-def raw_file(path: Path, header: object, data: bytes = b"", *, header_bytes: bytes | None = None,
-             declared_len: int | None = None) -> Path:
-    """Write ``<u64 LE header length><header JSON><data>``; ``declared_len`` overrides the length prefix."""
-    hb = json.dumps(header).encode() if header_bytes is None else header_bytes
-    n = len(hb) if declared_len is None else declared_len
-    path.write_bytes(struct.pack("<Q", n) + hb + data)
-    return path
 
 
 def header_len(path: Path) -> int:
