@@ -6,6 +6,7 @@ the matching standard-library type so that ``except FileNotFoundError`` keeps wo
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -113,3 +114,16 @@ class IntegrityError(RegistryError):
 
 class StorageError(RegistryError, OSError):
     """The registry's storage failed (disk full, permissions); nothing half-written was left."""
+
+
+def storage_error(e: OSError, what: str, where: str = "the registry directory") -> StorageError:
+    """A :class:`StorageError` for an OSError met while ``what``, with a hint (disk full, permissions)."""
+    if e.errno == errno.ENOSPC:
+        hint = "the disk is full; free space and retry (nothing half-written was kept)"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = f"permission denied; check that you may write to {where}"
+    else:
+        hint = f"check the file system of {where}"
+    err = StorageError(f"{what} failed: {e.strerror or e}.\n  fix: {hint}.")
+    err.errno = e.errno
+    return err

@@ -29,7 +29,7 @@ from adapterhub.adapter import Adapter
 from adapterhub.base import BaseCheckpoint
 from adapterhub.compose.merge import MergePlan, fold, plan_merge
 from adapterhub.dtypes import st_to_torch
-from adapterhub.errors import AdapterHubError
+from adapterhub.errors import AdapterHubError, storage_error
 from adapterhub.tensorfile import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
 
 if TYPE_CHECKING:
@@ -170,9 +170,7 @@ def export_merged(base_dir: str | Path, adapters: Sequence[Adapter], out: str | 
         try:
             _stream(plans, plan, direct=direct_io)
         except OSError as e:
-            from adapterhub.registry.store import _storage_error
-
-            raise _storage_error(e, f"writing the merged checkpoint to {out}") from e
+            raise storage_error(e, f"writing the merged checkpoint to {out}", f"{out.parent}") from e
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

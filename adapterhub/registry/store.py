@@ -8,7 +8,6 @@ made read-only (0444).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import shutil
@@ -18,22 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from adapterhub.errors import IntegrityError, NotFoundError, StorageError
+from adapterhub.errors import IntegrityError, NotFoundError, StorageError, storage_error
 
 CHUNK = 8 * 1024 * 1024
 Progress = Callable[[int], None]
-
-
-def _storage_error(e: OSError, what: str) -> StorageError:
-    if e.errno == errno.ENOSPC:
-        hint = "the disk is full; free space and retry (nothing half-written was kept)"
-    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = "permission denied; check that you may write to the registry directory"
-    else:
-        hint = "check the registry's file system"
-    err = StorageError(f"{what} failed: {e.strerror or e}.\n  fix: {hint}.")
-    err.errno = e.errno
-    return err
 
 
 @contextmanager
@@ -44,7 +31,7 @@ def os_errors(what: str) -> Iterator[None]:
     except (StorageError, IntegrityError, NotFoundError):
         raise
     except OSError as e:
-        raise _storage_error(e, what) from e
+        raise storage_error(e, what) from e
 
 
 def fsync_dir(path: Path) -> None:
