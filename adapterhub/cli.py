@@ -125,7 +125,17 @@ def _render_summary(info: dict[str, Any]) -> str:
         base_s += f"  fingerprint {base['fingerprint'][:20]}..."
     kind = info["kind"]
     lines = [f"adapter     {info['source']}", f"format      {info['format']}", f"kind        {kind}",
-             f"base        {base_s}"]
+             f"base        {base_s}", *_adapter_lines(info)]
+    lines.append(f"parameters  {info['num_parameters']:,} in {info['num_tensors']} tensors "
+                 f"({', '.join(info['dtypes'])})")
+    if "size_on_disk" in info:
+        lines.append(f"on disk     {_human(info['size_on_disk'])}")
+    return "\n".join(lines)
+
+
+def _adapter_lines(info: dict[str, Any]) -> list[str]:
+    """The kind-specific lines of an adapter summary: targets, ranks, IA3, bottleneck, prefix."""
+    lines = []
     if "targets" in info:
         t = info["targets"]
         lines.append(f"targets     {t['count']} modules ({', '.join(t['leaf_names'])})")
@@ -138,7 +148,9 @@ def _render_summary(info: dict[str, Any]) -> str:
         if lo["rank_pattern"] or lo["alpha_pattern"]:
             lines.append(f"patterns    rank {lo['rank_pattern']} alpha {lo['alpha_pattern']}")
     if "ia3" in info:
-        lines.append(f"feedforward {len(info['ia3']['feedforward_modules'])} module(s) scale their input")
+        ff = info["ia3"]["feedforward_modules"]
+        leaves = sorted({m.rsplit(".", 1)[-1] for m in ff})
+        lines.append(f"feedforward {len(ff)} module(s) scale their input" + (f" ({', '.join(leaves)})" if ff else ""))
     if "bottleneck" in info:
         b = info["bottleneck"]
         lines.append(f"bottleneck  {b['architecture']}, hidden {b['hidden_size']}, reduction {b['reduction_factor']}, "
@@ -149,11 +161,7 @@ def _render_summary(info: dict[str, Any]) -> str:
                      f"layers {p['num_layers']}, kv-heads {p['num_kv_heads']}, head_dim {p['head_dim']})")
     if info.get("carried"):
         lines.append(f"carried     {', '.join(info['carried'])}")
-    lines.append(f"parameters  {info['num_parameters']:,} in {info['num_tensors']} tensors "
-                 f"({', '.join(info['dtypes'])})")
-    if "size_on_disk" in info:
-        lines.append(f"on disk     {_human(info['size_on_disk'])}")
-    return "\n".join(lines)
+    return lines
 
 
 def _human(n: float) -> str:
@@ -227,7 +235,7 @@ def convert(adapter: str, output: str, fmt: str, base_dir: str | None, force: bo
 # --- registry ------------------------------------------------------------------------------------
 
 
-@cli.command()
+@cli.command(short_help="Store an adapter directory as NAME[@VERSION].")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.argument("target", metavar="NAME[@VERSION]")
 @click.option("--tag", "tags", multiple=True, help="Tag to point at the new version (repeatable).")
@@ -235,29 +243,52 @@ def convert(adapter: str, output: str, fmt: str, base_dir: str | None, force: bo
 @click.option("--base", "base_dir", type=click.Path(file_okay=False, path_type=str),
               help="Check compatibility with this base first (refuse if incompatible) and record its fingerprint.")
 @click.option("--metric", "metrics", multiple=True, metavar="KEY=VALUE", help="A metric to record (repeatable).")
+@click.option("--include", "include", multiple=True, metavar="GLOB",
+              help="Also store files matching GLOB, a path relative to DIRECTORY (repeatable).")
+@click.option("--include-all", is_flag=True, help="Store every file of DIRECTORY except hidden ones and pickles.")
+@click.option("--allow-duplicate", is_flag=True,
+              help="Make a new version even when one of NAME already holds identical content.")
 @allow_pickle_option
 @pass_registry
 def push(reg: _LazyRegistry, directory: str, target: str, tags: tuple[str, ...], description: str,
-         base_dir: str | None, metrics: tuple[str, ...], allow_pickle: bool) -> None:
-    """Store the adapter in DIRECTORY as NAME[@VERSION]; prints NAME@VERSION sha256:DIGEST last."""
+         base_dir: str | None, metrics: tuple[str, ...], include: tuple[str, ...], include_all: bool,
+         allow_duplicate: bool, allow_pickle: bool) -> None:
+    """Store the adapter in DIRECTORY as NAME[@VERSION]; prints NAME@VERSION sha256:DIGEST last.
+
+    Stores what an adapter directory is (adapter configs, the weights, README, tokenizer files,
+    generation/chat templates) and lists what it left out; --include GLOB or --include-all store more.
+    Pickles (*.bin, *.pt, ...) only with --allow-pickle.
+    """
     parsed = {}
     for m in metrics:
         key, sep, value = m.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{m!r} is not KEY=VALUE", param_hint="--metric")
         parsed[key] = _number(value)
-    from adapterhub.registry.refs import check_label, check_target
+    from adapterhub.registry.refs import check_tag, check_target
 
     with _errors():  # refuse bad names before the registry is even created
         check_target(target)
         for t in tags:
-            check_label(t, "tag")
+            check_tag(t)
     registry = reg.get()
     total = sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
     with _errors(), _progress(total, "pushing") as progress:
         result = registry.push(directory, target, tags=tags, description=description, metrics=parsed,
-                               base=base_dir, allow_pickle=allow_pickle, progress=progress)
-    if not result.created:
+                               base=base_dir, allow_pickle=allow_pickle, include=include, include_all=include_all,
+                               allow_duplicate=allow_duplicate, progress=progress)
+    if result.left_out:
+        shown = ", ".join(f"{x.path} ({x.reason})" for x in result.left_out[:10])
+        more = f", and {len(result.left_out) - 10} more" if len(result.left_out) > 10 else ""
+        click.echo(f"left out {len(result.left_out)} file(s): {shown}{more}", err=True)
+    if result.repaired:
+        click.echo(f"repaired the damaged stored copy of: {', '.join(result.repaired)}", err=True)
+    if result.duplicate:
+        click.echo(f"{result.ref} already holds identical content; nothing pushed "
+                   "(use --allow-duplicate to make a new version)")
+        if tags:
+            click.echo(f"tags not applied: {', '.join(tags)} (`adapterhub tag {result.ref} TAG` moves one)", err=True)
+    elif not result.created:
         click.echo(f"{result.ref} already exists with identical content; nothing pushed.")
     click.echo(f"{result.ref} {result.digest}")
 
@@ -271,38 +302,55 @@ def _number(text: str) -> Any:
     return text
 
 
-@cli.command()
+@cli.command(short_help="Write version REF to a directory, verifying every hash.")
 @click.argument("ref")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Directory to write.")
 @click.option("--format", "fmt", type=click.Choice(["peft", "adapters", "adapterhub"]), default=None,
-              help="Convert to this format (default: as pushed).")
+              help="Write in this format. Default: PEFT where PEFT can express the adapter (LoRA, IA3, prefix "
+                   "tuning, blends of them), else the format it was stored in.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
 @click.option("--link", is_flag=True,
               help="Hard-link files from the registry (instant; re-hashes only changed blobs; never edit them).")
 @pass_registry
 def pull(reg: _LazyRegistry, ref: str, output: str, fmt: str | None, force: bool, link: bool) -> None:
-    """Write version REF to a directory, verifying every hash."""
+    """Write version REF to a directory, verifying every hash.
+
+    Without --format, a LoRA, IA3 or prefix-tuning version (blends included) is written as a PEFT
+    directory; other kinds keep the format they were stored in, and the command says so.
+    """
     registry = reg.get()
     with _errors():
+        chosen = registry.pull_format(ref, fmt or "auto")
         size = int(registry.manifest(ref).get("size") or 0)
         with _progress(size, "pulling") as progress:
-            path = registry.pull(ref, output, format=fmt, overwrite=force, link=link, progress=progress)
+            path = registry.pull(ref, output, format=chosen.format, overwrite=force, link=link, progress=progress)
         resolved = registry.resolve(ref)
+    if chosen.note:
+        click.echo(f"note: {chosen.note}", err=True)
     click.echo(f"{resolved.ref} {resolved.digest} -> {path}")
 
 
-@cli.command(name="list")
+@cli.command(name="list", short_help="List versions, filtered by name glob, kind, base or tag.")
 @click.argument("pattern", required=False)
-@click.option("--kind", type=click.Choice(["lora", "ia3", "bottleneck", "prefix"]))
-@click.option("--base", help="Base model name (glob) or fingerprint prefix.")
+@click.option("--kind", type=click.Choice(["lora", "ia3", "bottleneck", "prefix"]), help="Only adapters of this kind.")
+@click.option("--base", help="Only adapters for this base: a name glob or a fingerprint prefix.")
 @click.option("--tag", help="Only versions carrying this tag.")
 @json_option
 @pass_registry
 def list_(reg: _LazyRegistry, pattern: str | None, kind: str | None, base: str | None, tag: str | None,
           as_json: bool) -> None:
-    """List versions, optionally filtered by a name glob (e.g. 'team/*')."""
+    """List versions, optionally filtered by a name glob such as 'team/*'.
+
+    A damaged version (its manifest missing or corrupt) is not listed; a warning on stderr names it
+    and the fix.
+    """
     with _errors():
-        rows = reg.get().list(pattern, kind=kind, base=base, tag=tag)
+        registry = reg.get()
+        rows = registry.list(pattern, kind=kind, base=base, tag=tag)
+        damaged = registry.damaged()
+    for d in damaged:
+        click.echo(f"warning: {d.ref} is damaged and not listed ({d.problem}); fix: `adapterhub rm {d.ref}`, or "
+                   "restore its manifest blob and run `adapterhub reindex`.", err=True)
     if as_json:
         _emit_json([r.to_dict() for r in rows])
         return
@@ -318,12 +366,12 @@ def list_(reg: _LazyRegistry, pattern: str | None, kind: str | None, base: str |
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
-@cli.command()
+@cli.command(short_help="Show version REF: manifest, r, alpha, targets, files.")
 @click.argument("ref")
 @json_option
 @pass_registry
 def show(reg: _LazyRegistry, ref: str, as_json: bool) -> None:
-    """Show the manifest of version REF."""
+    """Show version REF: its manifest and what the stored adapter is (r, alpha, targets, ...)."""
     with _errors():
         info = reg.get().show(ref)
     if as_json:
@@ -335,6 +383,11 @@ def show(reg: _LazyRegistry, ref: str, as_json: bool) -> None:
     click.echo(f"kind        {m['kind']} ({m['format']} format)")
     click.echo(f"base        {base.get('name_or_path') or '(not recorded)'}"
                + (f"  fingerprint {base['fingerprint'][:20]}..." if base.get("fingerprint") else ""))
+    if info.get("adapter"):
+        for line in _adapter_lines(info["adapter"]):
+            click.echo(line)
+    elif info.get("adapter_error"):
+        click.echo(f"adapter     not readable: {info['adapter_error']}")
     click.echo(f"created     {m['created_at']}")
     click.echo(f"tags        {', '.join(info['current_tags']) or '-'}")
     if m.get("description"):
@@ -353,18 +406,21 @@ def show(reg: _LazyRegistry, ref: str, as_json: bool) -> None:
         click.echo(f"  {f['sha256'][:12]}  {_human(f['size']):>10}  {f['path']}")
 
 
-@cli.command()
+@cli.command(short_help="Point TAG at version REF (moving it if it exists).")
 @click.argument("ref")
 @click.argument("tag")
 @pass_registry
 def tag(reg: _LazyRegistry, ref: str, tag: str) -> None:
-    """Point TAG at version REF (moving it if it exists)."""
+    """Point TAG at version REF (moving it if it exists).
+
+    Tags that read as numbers (1, 01, 1.0, 1e3, inf, nan) or booleans (true, false) are refused.
+    """
     with _errors():
         res = reg.get().tag(ref, tag)
     click.echo(f"{res.name}@{tag} -> {res.ref}")
 
 
-@cli.command()
+@cli.command(short_help="Remove TAG from NAME.")
 @click.argument("name")
 @click.argument("tag")
 @pass_registry
@@ -375,33 +431,45 @@ def untag(reg: _LazyRegistry, name: str, tag: str) -> None:
     click.echo(f"removed {name}@{tag}")
 
 
-@cli.command()
+@cli.command(short_help="Remove version REF (NAME@VERSION) and its tags.")
 @click.argument("ref")
 @pass_registry
 def rm(reg: _LazyRegistry, ref: str) -> None:
-    """Remove version REF (NAME@VERSION) and its tags; `gc` frees its storage."""
+    """Remove version REF (NAME@VERSION) and its tags; `gc` frees its storage. Works on a damaged version."""
     with _errors():
         res = reg.get().rm(ref)
     click.echo(f"removed {res.ref} {res.digest}")
 
 
-@cli.command()
+@cli.command(short_help="Free unreferenced blobs, old snapshots, staging leftovers.")
 @click.option("--dry-run", is_flag=True, help="Only print what would be removed.")
+@click.option("--temp-grace", type=click.FloatRange(min=0), default=3600, show_default=True, metavar="SECONDS",
+              help="Age after which staging files that no running process owns are removed (0: now). Files of "
+                   "killed pushes are removed at once, those of running pushes never.")
 @json_option
 @pass_registry
-def gc(reg: _LazyRegistry, dry_run: bool, as_json: bool) -> None:
-    """Remove blobs no version references, stale snapshots and staging leftovers."""
+def gc(reg: _LazyRegistry, dry_run: bool, temp_grace: float, as_json: bool) -> None:
+    """Remove blobs no version references, snapshots of removed versions and staging leftovers.
+
+    Reports what was removed (blobs a push referenced meanwhile are kept and said so); --dry-run
+    reports the plan.
+    """
     with _errors():
-        plan = reg.get().gc(dry_run=dry_run)
+        done = reg.get().gc(dry_run=dry_run, temp_grace=temp_grace)
     if as_json:
-        _emit_json({**plan.to_dict(), "dry_run": dry_run})
+        _emit_json({**done.to_dict(), "dry_run": dry_run})
         return
-    verb = "would free" if dry_run else "freed"
-    click.echo(f"{len(plan.blobs)} blob(s), {len(plan.snapshots)} snapshot(s), {len(plan.temp)} staging "
-               f"leftover(s): {verb} {_human(plan.expected_freed_size)}")
+    if dry_run:
+        click.echo(f"would remove {len(done.blobs)} blob(s), {len(done.snapshots)} snapshot(s), {len(done.temp)} "
+                   f"staging leftover(s): would free {_human(done.expected_freed_size)}")
+        return
+    click.echo(f"removed {len(done.blobs)} blob(s), {len(done.snapshots)} snapshot(s), {len(done.temp)} staging "
+               f"leftover(s): freed {_human(done.freed_size)}")
+    if done.kept:
+        click.echo(f"kept {len(done.kept)} blob(s) a push referenced meanwhile", err=True)
 
 
-@cli.command()
+@cli.command(short_help="Check every manifest and blob hash; list orphans.")
 @json_option
 @pass_registry
 def verify(reg: _LazyRegistry, as_json: bool) -> None:
@@ -420,12 +488,17 @@ def verify(reg: _LazyRegistry, as_json: bool) -> None:
     sys.exit(0 if report.ok else 1)
 
 
-@cli.command()
+@cli.command(short_help="Rebuild the search index from the manifests.")
 @pass_registry
 def reindex(reg: _LazyRegistry) -> None:
-    """Rebuild the search index from the manifests."""
+    """Rebuild the search index from the manifests; damaged versions are skipped and named."""
     with _errors():
-        reg.get().reindex()
+        registry = reg.get()
+        registry.reindex()
+        damaged = registry.damaged()
+    for d in damaged:
+        click.echo(f"warning: skipped damaged version {d.ref} ({d.problem}); fix: `adapterhub rm {d.ref}`.",
+                   err=True)
     click.echo("index rebuilt")
 
 

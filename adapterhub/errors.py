@@ -127,3 +127,22 @@ def storage_error(e: OSError, what: str, where: str = "the registry directory") 
     err = StorageError(f"{what} failed: {e.strerror or e}.\n  fix: {hint}.")
     err.errno = e.errno
     return err
+
+
+# --- registry and input hardening (issue 10, part B) ------------------------------------------------
+
+
+class UnsafeLinkError(FormatError):
+    """A symbolic link inside an adapter folder points outside it; adapterhub does not follow it."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, target: str | Path | None = None) -> None:
+        super().__init__(message, path=path)
+        self.target = None if target is None else Path(target)
+
+
+class AmbiguousReferenceError(InvalidReferenceError):
+    """A digest prefix matches more than one version; ``candidates`` lists them."""
+
+    def __init__(self, message: str, *, ref: str | None = None, candidates: tuple[str, ...] = ()) -> None:
+        super().__init__(message, ref=ref)
+        self.candidates = candidates

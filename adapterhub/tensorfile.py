@@ -11,11 +11,13 @@ import functools
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapterhub import _json
 from adapterhub.errors import CorruptFileError, MissingFileError
 
 if TYPE_CHECKING:
@@ -31,7 +33,8 @@ DTYPE_SIZES: dict[str, float] = {
     "F4": 0.5, "F6_E2M3": 0.75, "F6_E3M2": 0.75,
 }
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: largest header accepted: safetensors' own limit (100 MB), about a million tensor entries
+MAX_HEADER_BYTES = 100 * 1000 * 1000
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     path = Path(path)
     fix = "re-download or re-export the file; it is damaged or was not written completely."
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode) and not path.is_dir():  # a FIFO would block forever
+            raise CorruptFileError(f"{path} is not a regular file.\n  fix: {fix}", path=path)
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
@@ -83,7 +88,11 @@ def read_header(path: str | Path) -> SafetensorsHeader:
                     f"{path} is not a safetensors file: it is {size} bytes, shorter than the 8-byte "
                     f"header length.\n  fix: {fix}", path=path)
             (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
+            if n > MAX_HEADER_BYTES and 8 + n <= size:
+                raise CorruptFileError(
+                    f"{path} has a header of {n:,} bytes, more than the {MAX_HEADER_BYTES:,} safetensors allows "
+                    f"(about a million tensors).\n  fix: {fix}", path=path)
+            if 8 + n > size:
                 raise CorruptFileError(
                     f"{path} is truncated or not a safetensors file: its header claims {n} bytes "
                     f"but the file has {size} bytes.\n  fix: {fix}", path=path)
@@ -93,10 +102,13 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     except IsADirectoryError as e:
         raise CorruptFileError(f"{path} is a directory, not a safetensors file.", path=path) from e
     try:
-        header = json.loads(raw)
+        header = _json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptFileError(
             f"{path} has a header that is not valid JSON ({e}).\n  fix: {fix}", path=path) from e
+    except ValueError as e:  # nested too deep
+        raise CorruptFileError(
+            f"{path} has a header {e}; a safetensors header is 3 levels deep.\n  fix: {fix}", path=path) from e
     if not isinstance(header, dict):
         raise CorruptFileError(f"{path} has a header that is not a JSON object.\n  fix: {fix}", path=path)
     metadata = header.pop("__metadata__", {})

@@ -180,10 +180,10 @@ def big_adapter(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def minilm_plus(tmp_path) -> Path:
-    """minilm_lora plus one extra file: shares both of minilm_lora's files, adds one of its own."""
+    """minilm_lora plus a model card: shares both of minilm_lora's files, adds one of its own."""
     d = tmp_path / "minilm_plus"
     shutil.copytree(MINILM_LORA, d)
-    (d / "NOTES.txt").write_text("trained for 3 epochs\n" * 50)
+    (d / "README.md").write_text("trained for 3 epochs\n" * 50)
     return d
 
 
@@ -195,7 +195,7 @@ def test_blobs_are_content_addressed_read_only_and_stored_once(tmp_path):
     reg = Registry(root)
     a1 = reg.push(MINILM_LORA, "team/a")
     b1 = reg.push(MINILM_LORA, "b")
-    a2 = reg.push(MINILM_LORA, "team/a")
+    a2 = reg.push(MINILM_LORA, "team/a", allow_duplicate=True)
     assert (a1.version, a2.version, b1.version) == ("1", "2", "1")
     assert len({a1.digest, a2.digest, b1.digest}) == 3, "each version has its own manifest"
 
@@ -364,13 +364,14 @@ def test_valid_reference_forms_resolve(tmp_path, minilm_plus):
         reg.resolve(f"{name}@9")
     with pytest.raises(NotFoundError):
         reg.resolve("other")
-    assert reg.push(MINILM_LORA, name).version == "3", "the next integer ignores non-integer versions"
+    assert reg.push(MINILM_LORA, name, allow_duplicate=True).version == "3", \
+        "the next integer ignores non-integer versions"
 
 
 def test_versions_number_and_identical_push_is_a_noop(tmp_path, minilm_plus):
     root = tmp_path / "reg"
     reg = Registry(root)
-    assert [reg.push(MINILM_LORA, "x").version for _ in range(3)] == ["1", "2", "3"]
+    assert [reg.push(MINILM_LORA, "x", allow_duplicate=True).version for _ in range(3)] == ["1", "2", "3"]
     first = reg.resolve("x@1")
     before_refs, before_list = tree(root / "refs"), reg.list()
 
@@ -617,16 +618,19 @@ def test_orphans_are_listed_and_gc_removes_them(tmp_path):
     plan = reg.gc(dry_run=True, temp_grace=0)
     assert plan.blobs == [orphan]
     assert set(plan.temp) == {leftover, stale}
-    assert plan.expected_freed_size == blob_path(root, orphan).stat().st_size == 1900
+    assert blob_path(root, orphan).stat().st_size == 1900
+    assert plan.expected_freed_size == 1900 + 1000 + 10, "the orphan blob and both staging entries"
     assert blob_path(root, orphan).is_file() and leftover.is_dir() and stale.is_file()
 
     usage = sum(p.stat().st_size for p in blob_files(root))
-    plan = reg.gc()  # default grace: the fresh staging dir of a possibly running push stays
-    assert plan.expected_freed_size == 1900
-    assert sum(p.stat().st_size for p in blob_files(root)) == usage - plan.expected_freed_size
+    # default grace: the fresh, unowned staging dir (maybe of a running older adapterhub) stays
+    done = reg.gc()
+    assert done.blobs == [orphan] and done.temp == [stale] and done.kept == []
+    assert done.freed_size == 1900 + 10
+    assert sum(p.stat().st_size for p in blob_files(root)) == usage - 1900
     assert not blob_path(root, orphan).exists() and not stale.exists()
     assert leftover.is_dir()
-    reg.gc(temp_grace=0)
+    assert reg.gc(temp_grace=0).temp == [leftover]
     assert not leftover.exists()
     report = reg.verify()
     assert report.ok and report.orphans == []
@@ -639,7 +643,7 @@ def test_rm_then_gc_frees_unique_blobs_and_keeps_shared(tmp_path, minilm_plus):
     keep = reg.push(MINILM_LORA, "a")
     gone = reg.push(minilm_plus, "b")
     other = reg.push(LLAMA_LORA, "a")
-    unique = {gone.digest, sha256_file(minilm_plus / "NOTES.txt")}
+    unique = {gone.digest, sha256_file(minilm_plus / "README.md")}
     assert reg.gc(dry_run=True).blobs == []
 
     usage = sum(p.stat().st_size for p in blob_files(root))
@@ -650,7 +654,8 @@ def test_rm_then_gc_frees_unique_blobs_and_keeps_shared(tmp_path, minilm_plus):
     plan = reg.gc(dry_run=True)
     assert set(plan.blobs) == unique
     assert plan.expected_freed_size == sum(blob_path(root, d).stat().st_size for d in unique)
-    reg.gc()
+    done = reg.gc()
+    assert set(done.blobs) == unique and done.freed_size == plan.expected_freed_size
     assert sum(p.stat().st_size for p in blob_files(root)) == usage - plan.expected_freed_size
     assert not any(blob_path(root, d).exists() for d in unique)
     for res, src in ((keep, MINILM_LORA), (other, LLAMA_LORA)):

@@ -1,37 +1,146 @@
-"""File helpers shared by the format readers and writers: JSON configs, weight files, atomic dirs."""
+"""File helpers shared by the format readers and writers: JSON configs, weight files, atomic dirs.
+
+Every file a reader opens goes through :func:`confined` first: a symbolic link that resolves outside
+the adapter's folder is refused (a link to ``/etc/passwd`` named ``adapter_config.json`` must never be
+read, stored or served). One exception is the layout of content-addressed caches, where a snapshot's
+files link into the cache's own blob store: ``<cache>/snapshots/<rev>/<file> -> <cache>/blobs/<hash>``
+(huggingface_hub's cache and adapterhub's registry both look like this).
+"""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub.errors import CorruptFileError, FormatError, MissingFileError, PickleRefusedError
+from adapterhub import _json
+from adapterhub.errors import CorruptFileError, FormatError, MissingFileError, PickleRefusedError, UnsafeLinkError
 from adapterhub.tensorfile import TensorInfo, read_header
 
 if TYPE_CHECKING:
     import torch
 
+#: largest JSON config read (adapter and base configs are kilobytes; a sharded base's index a few MB)
+MAX_JSON_BYTES = 64 * 1024 * 1024
 
-def read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object, with errors that name the file."""
+_TRUSTED_ROOTS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("adapterhub_trusted_roots",
+                                                                                  default=())
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+@contextmanager
+def links_allowed_into(folder: str | Path) -> Iterator[None]:
+    """Within this block, links may also resolve into ``folder`` (a registry's blob store that a
+    private snapshot links into)."""
+    token = _TRUSTED_ROOTS.set((*_TRUSTED_ROOTS.get(), os.path.realpath(folder)))
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise MissingFileError(f"{path} does not exist.", path=path) from e
+        yield
+    finally:
+        _TRUSTED_ROOTS.reset(token)
+
+
+def _cache_blobs(folder: str) -> str | None:
+    """The blob store of the content-addressed cache ``folder`` is a snapshot of, if any:
+    ``<cache>/blobs`` for ``<cache>/snapshots/<rev>[/sub...]`` (a real directory, not a link)."""
+    parts = Path(folder).parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots":
+            blobs = Path(*parts[:i], "blobs")
+            if blobs.is_dir() and not blobs.is_symlink():
+                return str(blobs)
+            return None
+    return None
+
+
+def confined(path: str | Path, folder: str | Path | None = None) -> Path:
+    """``path`` if it resolves inside ``folder`` (default: its parent directory); links are followed.
+
+    Raises:
+        UnsafeLinkError: ``path`` (or a directory on the way) is a symbolic link that leaves the folder,
+            naming the link and its target.
+    """
+    path = Path(path)
+    real_folder = os.path.realpath(path.parent if folder is None else folder)
+    real = os.path.realpath(path)
+    if _inside(real, real_folder):
+        return path
+    allowed = [*_TRUSTED_ROOTS.get()]
+    if (blobs := _cache_blobs(real_folder)) is not None:
+        allowed.append(os.path.realpath(blobs))
+    if any(_inside(real, root) for root in allowed):
+        return path
+    link = path
+    top = Path(path.parent if folder is None else folder)
+    for candidate in (path, *path.parents):  # name the link itself, not the file it ends at
+        if candidate == top:
+            break
+        if candidate.is_symlink():
+            link = candidate
+            break
+    target = os.readlink(link) if link.is_symlink() else real
+    shown = folder if folder is not None else path.parent
+    raise UnsafeLinkError(
+        f"{link} is a symbolic link to {target}, outside the adapter folder {shown}; adapterhub does not "
+        f"follow links that leave the folder.\n  fix: if the file belongs to the adapter, replace the link "
+        f"by a copy of the file (cp --remove-destination {real} {link}).", path=link, target=real)
+
+
+def parse_json_bytes(raw: bytes | str, path: Path, what: str = "") -> Any:
+    """Parse JSON read from ``path`` with a bounded depth; errors name the file."""
+    try:
+        return _json.loads(raw)
     except UnicodeDecodeError as e:
         raise CorruptFileError(f"{path} is not UTF-8 text: {e}", path=path) from e
-    try:
-        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise CorruptFileError(
-            f"{path} is not valid JSON ({e}).\n  fix: restore the file from the adapter's source.", path=path
+            f"{path}{what} is not valid JSON ({e}).\n  fix: restore the file from the adapter's source.", path=path
         ) from e
+    except ValueError as e:  # nested too deep
+        raise CorruptFileError(
+            f"{path}{what} is {e}; no adapter or model config is.\n  fix: restore the file from the adapter's "
+            "source; it is damaged or hostile.", path=path) from e
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object, with errors that name the file.
+
+    Raises:
+        MissingFileError: no such file.
+        UnsafeLinkError: the file is a symbolic link leaving its folder.
+        CorruptFileError: not UTF-8, not JSON, not an object, larger than :data:`MAX_JSON_BYTES` or
+            nested deeper than :data:`adapterhub._json.MAX_DEPTH`.
+    """
+    path = Path(path)
+    try:
+        confined(path)
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
+            raise CorruptFileError(f"{path} is not a regular file.", path=path)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_JSON_BYTES:
+                raise CorruptFileError(
+                    f"{path} is {size:,} bytes, more than the {MAX_JSON_BYTES // 2**20} MiB a JSON config may "
+                    "have.\n  fix: pass the adapter's own config file; this one is damaged or hostile.", path=path)
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except FileNotFoundError as e:
+        raise MissingFileError(f"{path} does not exist.", path=path) from e
+    except IsADirectoryError as e:
+        raise CorruptFileError(f"{path} is a directory, not a JSON file.", path=path) from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorruptFileError(f"{path} is not UTF-8 text: {e}", path=path) from e
+    data = parse_json_bytes(text, path)
     if not isinstance(data, dict):
         raise CorruptFileError(f"{path} must hold a JSON object, not {type(data).__name__}.", path=path)
     return data
@@ -52,12 +161,12 @@ def load_weights(
         PickleRefusedError: only a pickle file exists and ``allow_pickle`` is false.
         MissingFileError: no weights file at all.
     """
-    st = directory / safetensors_name
+    st = confined(directory / safetensors_name, directory)
     if st.is_file():
         header = read_header(st)
         return dict(header.tensors), header.metadata
     for name in pickle_names:
-        pk = directory / name
+        pk = confined(directory / name, directory)
         if pk.is_file():
             if not allow_pickle:
                 raise PickleRefusedError(

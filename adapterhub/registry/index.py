@@ -2,11 +2,17 @@
 
 Manifests and ref files are the source of truth. Every change to a name marks it dirty in the index
 *before* the ref files change and refreshes it after; a name left dirty by a crash is refreshed from
-its refs the next time the index is opened.
+its refs the next time the index is opened. A version whose manifest cannot be read is not indexed;
+it is recorded in ``damaged`` (and retried whenever its name is refreshed).
+
+A registry that is not writable gets an in-memory copy of its index (repaired there if stale), so
+reading never writes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,8 +23,11 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
     name TEXT NOT NULL, version TEXT NOT NULL, digest TEXT NOT NULL, seq INTEGER NOT NULL,
     kind TEXT, format TEXT, base_name TEXT, base_fingerprint TEXT, created_at TEXT,
-    description TEXT, size INTEGER, num_parameters INTEGER,
+    description TEXT, size INTEGER, num_parameters INTEGER, content TEXT,
     PRIMARY KEY (name, version));
+CREATE INDEX IF NOT EXISTS versions_content ON versions(name, content);
+CREATE TABLE IF NOT EXISTS damaged (name TEXT NOT NULL, version TEXT NOT NULL, digest TEXT NOT NULL,
+    problem TEXT NOT NULL, PRIMARY KEY (name, version));
 CREATE INDEX IF NOT EXISTS versions_kind ON versions(kind);
 CREATE INDEX IF NOT EXISTS versions_base ON versions(base_name);
 CREATE INDEX IF NOT EXISTS versions_name_seq ON versions(name, seq);
@@ -29,7 +38,8 @@ CREATE TABLE IF NOT EXISTS dirty (name TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS verified (digest TEXT PRIMARY KEY, stamp TEXT NOT NULL);
 """
-INDEX_VERSION = "1"
+INDEX_VERSION = "2"
+_DERIVED_TABLES = ("versions", "tags", "dirty", "damaged")
 
 
 @dataclass(slots=True)
@@ -63,24 +73,86 @@ class VersionInfo:
         return d
 
 
+@dataclass(frozen=True, slots=True)
+class DamagedVersion:
+    """A version whose manifest cannot be read: listed nowhere, reported with ``problem``."""
+
+    name: str
+    version: str
+    digest: str
+    problem: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def content_key(manifest: dict[str, Any]) -> str:
+    """What makes two versions hold the same adapter: kind, format, files (paths and hashes) and base."""
+    data = {k: manifest.get(k) for k in ("kind", "format", "files", "base")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def row_from_manifest(name: str, version: str, digest: str, manifest: dict[str, Any]) -> tuple:
     base = manifest.get("base") or {}
     return (name, version, digest, manifest.get("kind"), manifest.get("format"), base.get("name_or_path"),
             base.get("fingerprint"), manifest.get("created_at"), manifest.get("description"),
-            manifest.get("size"), manifest.get("num_parameters"))
+            manifest.get("size"), manifest.get("num_parameters"), content_key(manifest))
 
 
 class Index:
-    """The sqlite index of one registry."""
+    """The sqlite index of one registry.
 
-    def __init__(self, path: Path) -> None:
+    ``readonly``: the registry cannot be written; the file (if readable) is copied into memory and
+    every later change (repairs, stamps) stays there.
+    """
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
-        fresh = not self.path.exists()
-        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.readonly = readonly
+        if readonly:
+            self.db = self._memory_copy(self.path)
+            fresh = self.db is None
+            if self.db is None:
+                self.db = sqlite3.connect(":memory:", isolation_level=None)
+        else:
+            fresh = not self.path.exists()
+            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+        if not fresh and self._meta_safe("index_version") != INDEX_VERSION:
+            # an older layout: derived tables are dropped and rebuilt; verified stamps stay
+            for table in _DERIVED_TABLES:
+                self.db.execute(f"DROP TABLE IF EXISTS {table}")
+            fresh = True
         self.db.executescript(SCHEMA)
         self.needs_rebuild = fresh or self._meta("index_version") != INDEX_VERSION
+
+    @staticmethod
+    def _memory_copy(path: Path) -> sqlite3.Connection | None:
+        """The index file copied into memory, opened read-only (never creating -wal/-shm files)."""
+        if not path.is_file():
+            return None
+        for mode in ("ro", "ro&immutable=1"):
+            src = None
+            try:
+                src = sqlite3.connect(f"{path.absolute().as_uri()}?mode={mode}", uri=True, timeout=5)
+                src.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                mem = sqlite3.connect(":memory:", isolation_level=None)
+                src.backup(mem)
+                return mem
+            except sqlite3.Error:
+                continue
+            finally:
+                if src is not None:
+                    src.close()
+        return None
+
+    def _meta_safe(self, key: str) -> str | None:
+        try:
+            return self._meta(key)
+        except sqlite3.Error:
+            return None
 
     def close(self) -> None:
         self.db.close()
@@ -107,10 +179,26 @@ class Index:
         """version -> digest currently indexed for a name."""
         return dict(self.db.execute("SELECT version, digest FROM versions WHERE name=?", (name,)).fetchall())
 
-    def replace_name(self, name: str, rows: Iterable[tuple], tags: dict[str, str], keep: set[str]) -> None:
+    def all_known(self) -> dict[tuple[str, str], str]:
+        """(name, version) -> digest of every indexed version."""
+        return {(n, v): d for n, v, d in self.db.execute("SELECT name, version, digest FROM versions")}
+
+    def same_content(self, name: str, content: str) -> list[tuple[str, str]]:
+        """(version, digest) of the versions of ``name`` holding this content key, newest first."""
+        return self.db.execute("SELECT version, digest FROM versions WHERE name=? AND content=? ORDER BY seq DESC",
+                               (name, content)).fetchall()
+
+    def damaged(self) -> list[DamagedVersion]:
+        """Versions skipped because their manifest cannot be read."""
+        return [DamagedVersion(*r) for r in
+                self.db.execute("SELECT name, version, digest, problem FROM damaged ORDER BY name, version")]
+
+    def replace_name(self, name: str, rows: Iterable[tuple], tags: dict[str, str], keep: set[str],
+                     damaged: Iterable[DamagedVersion] = ()) -> None:
         """Make the index hold exactly these versions and tags for ``name``, then clear its dirty mark.
 
-        ``rows`` are new or changed versions; ``keep`` lists already indexed versions that stay.
+        ``rows`` are new or changed versions; ``keep`` lists already indexed versions that stay;
+        ``damaged`` the versions whose manifest could not be read.
         """
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
@@ -120,31 +208,37 @@ class Index:
                 cur.execute("DELETE FROM versions WHERE name=? AND version=?", (name, v))
             for row in rows:
                 seq = cur.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM versions").fetchone()[0]
-                cur.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                cur.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                             (*row[:3], seq, *row[3:]))
             cur.execute("DELETE FROM tags WHERE name=?", (name,))
             cur.executemany("INSERT INTO tags VALUES (?,?,?)", [(name, t, v) for t, v in tags.items()])
+            cur.execute("DELETE FROM damaged WHERE name=?", (name,))
+            cur.executemany("INSERT INTO damaged VALUES (?,?,?,?)",
+                            [(d.name, d.version, d.digest, d.problem) for d in damaged])
             cur.execute("DELETE FROM dirty WHERE name=?", (name,))
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
             raise
 
-    def rebuild(self, names: Iterable[str], load: Callable[[str], tuple[list[tuple], dict[str, str]]]) -> None:
-        """Drop everything and index every name again (``load(name) -> (rows, tags)``)."""
+    def rebuild(self, names: Iterable[str],
+                load: Callable[[str], tuple[list[tuple], dict[str, str], list[DamagedVersion]]]) -> None:
+        """Drop everything and index every name again (``load(name) -> (rows, tags, damaged)``)."""
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            cur.execute("DELETE FROM versions")
-            cur.execute("DELETE FROM tags")
-            cur.execute("DELETE FROM dirty")
+            for table in _DERIVED_TABLES:
+                cur.execute(f"DELETE FROM {table}")
             seq = 0
             for name in names:
-                rows, tags = load(name)
+                rows, tags, damaged = load(name)
                 for row in sorted(rows, key=lambda r: (r[7] or "", r[1])):
                     seq += 1
-                    cur.execute("INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", (*row[:3], seq, *row[3:]))
+                    cur.execute("INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                                (*row[:3], seq, *row[3:]))
                 cur.executemany("INSERT INTO tags VALUES (?,?,?)", [(name, t, v) for t, v in tags.items()])
+                cur.executemany("INSERT INTO damaged VALUES (?,?,?,?)",
+                                [(d.name, d.version, d.digest, d.problem) for d in damaged])
             cur.execute("INSERT OR REPLACE INTO meta VALUES ('index_version', ?)", (INDEX_VERSION,))
             cur.execute("COMMIT")
         except BaseException:

@@ -1,5 +1,7 @@
 """Adapter names and references: ``NAME``, ``NAME@VERSION``, ``NAME@TAG``, ``NAME@sha256:HEX``.
 
+``HEX`` is the manifest digest or a prefix of it of at least 8 digits that names one version.
+
 Names are ``namespace/name`` or ``name``; every part, version and tag is lower-case
 ``[a-z0-9][a-z0-9._-]*`` (at most 64 characters, no ``..``). They become path components in the
 registry, so everything else is rejected before anything touches disk.
@@ -13,8 +15,12 @@ from dataclasses import dataclass
 from adapterhub.errors import InvalidReferenceError
 
 _PART = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{8,64}")
+#: the shortest digest prefix a reference may use (``NAME@sha256:73f0f5ab``)
+MIN_DIGEST_PREFIX = 8
 LATEST = "latest"
+#: tags that read as booleans (or null) to YAML/JSON tooling
+_WORD_TAGS = frozenset({"true", "false", "null"})
 
 
 def _check_part(part: str, what: str, whole: str) -> str:
@@ -47,6 +53,37 @@ def is_integer_version(version: str) -> bool:
     return version.isdigit() and not (len(version) > 1 and version.startswith("0"))
 
 
+def reads_as_number(text: str) -> bool:
+    """True for labels a program would read as a number (``01``, ``1.0``, ``1e3``, ``inf``, ``nan``)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_tag(tag: str) -> str:
+    """Return ``tag`` if it may name a tag: a valid label that reads as neither a number, a boolean
+    nor a digest (numbers are versions; ``true``/``1e3`` would change meaning in YAML or JSON tooling).
+
+    Raises:
+        InvalidReferenceError: before anything is touched.
+    """
+    check_label(tag, "tag")
+    if tag.startswith("sha256"):
+        raise InvalidReferenceError(f"tag '{tag}' would read as a digest.\n  fix: choose a tag that does not "
+                                    "start with 'sha256'.", ref=tag)
+    if reads_as_number(tag):
+        raise InvalidReferenceError(
+            f"tag '{tag}' reads as a number; numbers are reserved for versions.\n  fix: start the tag with a "
+            f"letter, e.g. 'v{tag}'.", ref=tag)
+    if tag in _WORD_TAGS:
+        raise InvalidReferenceError(
+            f"tag '{tag}' reads as a {'boolean' if tag != 'null' else 'null'} to YAML and JSON tools.\n"
+            f"  fix: choose another word, e.g. 'is-{tag}'.", ref=tag)
+    return tag
+
+
 @dataclass(frozen=True)
 class Ref:
     """A parsed reference: a name and at most one of a label (version or tag) or a digest."""
@@ -76,7 +113,9 @@ def parse_ref(text: str) -> Ref:
         return Ref(name=name)
     if rest.startswith("sha256:"):
         if not _DIGEST.fullmatch(rest):
-            raise InvalidReferenceError(f"invalid digest in {text!r}: expected sha256: and 64 hex digits.", ref=text)
+            raise InvalidReferenceError(
+                f"invalid digest in {text!r}: expected sha256: and {MIN_DIGEST_PREFIX} to 64 lower-case hex "
+                f"digits (a unique prefix of at least {MIN_DIGEST_PREFIX} digits is enough).", ref=text)
         return Ref(name=name, digest=rest)
     if "@" in rest:
         raise InvalidReferenceError(f"invalid reference {text!r}: one '@' at most.", ref=text)

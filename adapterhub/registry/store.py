@@ -4,23 +4,61 @@ The interface is deliberately small (put, get, exists, list, conditional create,
 so that other backends can serve a registry. :class:`LocalStore` keeps git's layout:
 ``blobs/sha256/ab/cdef...`` written to a temp file in the same file system, fsynced, renamed, and
 made read-only (0444).
+
+Staging files carry their writer's token (``tmp/<token>.blob-...``); the writer holds an exclusive
+``flock`` on ``locks/staging/<token>.lock`` for as long as it lives, so a staging file whose token's
+lock can be taken was left by a process that is gone (killed, crashed) and is removed at once
+(:meth:`LocalStore.remove_dead_staging`); the kernel drops the lock when the process dies, whatever
+killed it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import re
+import secrets
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Literal, Protocol
 
 from adapterhub.errors import IntegrityError, NotFoundError, StorageError, storage_error
 
 CHUNK = 8 * 1024 * 1024
 Progress = Callable[[int], None]
+#: ``<token>.`` at the start of a staging entry's name: ``w<pid>-<12 hex>``
+_TOKEN = re.compile(r"(w\d+-[0-9a-f]{12})\.")
+# one writer token per registry per process: {locks dir: (token, fd holding its flock)}
+_OWNERS: dict[str, tuple[str, int]] = {}
+_OWNERS_LOCK = threading.Lock()
+
+PutStatus = Literal["stored", "deduplicated", "verified", "repaired"]
+
+
+@dataclass(frozen=True)
+class Put:
+    """What storing one file did.
+
+    ``status``: ``stored`` (a new blob), ``deduplicated`` (an existing blob trusted: its stat stamp is
+    unchanged since it was last hashed), ``verified`` (an existing blob re-hashed and found intact),
+    ``repaired`` (an existing blob was damaged and has been replaced by the good bytes).
+    """
+
+    digest: str
+    size: int
+    status: PutStatus
+
+    @property
+    def hashed(self) -> bool:
+        """True when the blob's bytes are known to match its digest now (worth a stat stamp)."""
+        return self.status != "deduplicated"
 
 
 @contextmanager
@@ -58,7 +96,8 @@ def hash_file(path: Path, progress: Progress | None = None) -> tuple[str, int]:
 class Store(Protocol):
     """What a registry needs from storage."""
 
-    def put_file(self, src: Path, progress: Progress | None = None) -> tuple[str, int, bool]: ...
+    def put_file(self, src: Path, progress: Progress | None = None, *,
+                 trusted: Callable[[str], bool] | None = None) -> Put: ...
     def put_bytes(self, data: bytes) -> str: ...
     def has_blob(self, digest: str) -> bool: ...
     def get_bytes(self, digest: str) -> bytes: ...
@@ -78,6 +117,7 @@ class LocalStore:
         self.root = Path(root)
         self.blobs = self.root / "blobs" / "sha256"
         self.tmp = self.root / "tmp"
+        self.staging_locks = self.root / "locks" / "staging"
 
     # --- blobs ------------------------------------------------------------------------------
 
@@ -88,14 +128,123 @@ class LocalStore:
     def has_blob(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
 
+    # --- staging, owned by a live writer ----------------------------------------------------
+
+    def writer_token(self) -> str:
+        """This process's staging token for this store, created (and its lock taken) on first use.
+
+        The lock file is created under a temporary name, locked, then renamed into place, so a
+        ``<token>.lock`` file is never seen unlocked while its writer lives.
+        """
+        key = str(self.staging_locks)
+        with _OWNERS_LOCK:
+            if key in _OWNERS:
+                return _OWNERS[key][0]
+            self.staging_locks.mkdir(parents=True, exist_ok=True)
+            token = f"w{os.getpid()}-{secrets.token_hex(6)}"
+            pending = self.staging_locks / f".{token}.new"
+            fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os.write(fd, f"pid {os.getpid()}\nstarted {time.time():.3f}\n".encode())
+                os.rename(pending, self.staging_locks / f"{token}.lock")
+            except BaseException:
+                os.close(fd)
+                pending.unlink(missing_ok=True)
+                raise
+            _OWNERS[key] = (token, fd)
+            return token
+
     def _temp(self) -> tuple[int, Path]:
+        token = self.writer_token()
         self.tmp.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
+        fd, name = tempfile.mkstemp(dir=self.tmp, prefix=f"{token}.blob-")
         return fd, Path(name)
+
+    def staging_dir(self, prefix: str) -> Path:
+        """A new directory in ``tmp/`` owned by this process (``prefix`` names its purpose)."""
+        token = self.writer_token()
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{token}.{prefix}", dir=self.tmp))
+
+    def staging_owner(self, entry: Path) -> tuple[str | None, bool | None]:
+        """(token, alive) of a ``tmp/`` entry: alive is True (its writer runs), False (its writer is
+        gone) or None (no token or no lock file: an older adapterhub, or a lock removed by hand)."""
+        m = _TOKEN.match(entry.name)
+        if m is None:
+            return None, None
+        token = m.group(1)
+        if token == _OWNERS.get(str(self.staging_locks), (None,))[0]:
+            return token, True
+        return token, self._alive(self.staging_locks / f"{token}.lock")
+
+    @staticmethod
+    def _alive(lock: Path) -> bool | None:
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError:  # unreadable: assume a writer, remove nothing
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # closing drops the probe's lock
+        return False
+
+    def remove_dead_staging(self) -> list[tuple[Path, int]]:
+        """Remove the staging entries of writers that are gone, and their lock files.
+
+        Returns (path, bytes) of every entry removed. Safe to run from many processes at once and
+        beside running writers: an entry is removed only while its writer's lock is held by us.
+        """
+        removed: list[tuple[Path, int]] = []
+        if not self.staging_locks.is_dir():
+            return removed
+        own = _OWNERS.get(str(self.staging_locks), (None,))[0]
+        for lock in sorted(self.staging_locks.iterdir()):
+            name = lock.name
+            if name.endswith(".lock"):
+                token = name[: -len(".lock")]
+            elif name.startswith(".") and name.endswith(".new"):
+                # a writer creates, locks and renames it within microseconds: only an old one is dead
+                # (a fresh one may not be locked yet)
+                try:
+                    if time.time() - lock.lstat().st_mtime < 60:
+                        continue
+                except FileNotFoundError:
+                    continue
+                token = name[1: -len(".new")]
+            else:
+                continue
+            if token == own:
+                continue
+            try:
+                fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # its writer runs
+                if self.tmp.is_dir():
+                    for entry in sorted(self.tmp.glob(f"{token}.*")):
+                        removed.append((entry, remove_entry(entry)))
+                lock.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+        return removed
+
+    # --- blobs, continued --------------------------------------------------------------------
 
     def _commit_blob(self, tmp: Path, digest: str) -> bool:
         final = self.blob_path(digest)
-        if final.is_file():  # stored already: deduplicated
+        if final.is_file():  # stored meanwhile by a concurrent push: deduplicated
             tmp.unlink()
             return False
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -104,9 +253,21 @@ class LocalStore:
         fsync_dir(final.parent)
         return True
 
-    def put_file(self, src: Path, progress: Progress | None = None) -> tuple[str, int, bool]:
-        """Store a file's content; returns (digest, size, created). Hashes and copies in one pass;
-        ``created`` is True when this call wrote the blob (its content is then known to match)."""
+    def _replace_blob(self, tmp: Path, digest: str) -> None:
+        """Put the good bytes in ``tmp`` (fsynced) in place of a damaged blob: one atomic rename."""
+        final = self.blob_path(digest)
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+
+    def put_file(self, src: Path, progress: Progress | None = None, *,
+                 trusted: Callable[[str], bool] | None = None) -> Put:
+        """Store a file's content, hashing and copying it in one pass.
+
+        When a blob of that digest exists already, ``trusted(digest)`` says whether it may be used as
+        is (the registry answers from the blob's stat stamp); otherwise (and always when ``trusted``
+        is None) the existing blob is re-hashed, and a damaged one is replaced by the good bytes.
+        """
         with os_errors(f"storing {src}"):
             fd, tmp = self._temp()
             try:
@@ -120,19 +281,42 @@ class LocalStore:
                             progress(len(chunk))
                     out.flush()
                     digest = f"sha256:{h.hexdigest()}"
-                    if self.has_blob(digest):  # stored already: no fsync, drop the copy
-                        tmp.unlink()
-                        return digest, size, False
-                    os.fsync(out.fileno())
-                return digest, size, self._commit_blob(tmp, digest)
+                    existing = self.blob_path(digest)
+                    if existing.is_file():
+                        if trusted is not None and trusted(digest):
+                            tmp.unlink()
+                            return Put(digest, size, "deduplicated")
+                        try:
+                            actual, _ = hash_file(existing)
+                        except FileNotFoundError:  # removed meanwhile: store ours
+                            actual = None
+                        if actual == digest:
+                            tmp.unlink()
+                            return Put(digest, size, "verified")
+                        os.fsync(out.fileno())
+                        if actual is not None:
+                            self._replace_blob(tmp, digest)
+                            return Put(digest, size, "repaired")
+                    else:
+                        os.fsync(out.fileno())
+                created = self._commit_blob(tmp, digest)
+                return Put(digest, size, "stored" if created else "deduplicated")
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
 
     def put_bytes(self, data: bytes) -> str:
+        """Store bytes (a manifest); an existing blob of that digest is re-read, and replaced if damaged."""
         digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
-        if self.has_blob(digest):
-            return digest
+        path = self.blob_path(digest)
+        try:
+            if hashlib.sha256(path.read_bytes()).hexdigest() == digest.removeprefix("sha256:"):
+                return digest
+            damaged = True
+        except FileNotFoundError:
+            damaged = False
+        except OSError as e:
+            raise storage_error(e, f"reading {path}") from e
         with os_errors("storing a manifest"):
             fd, tmp = self._temp()
             try:
@@ -140,7 +324,10 @@ class LocalStore:
                     out.write(data)
                     out.flush()
                     os.fsync(out.fileno())
-                self._commit_blob(tmp, digest)
+                if damaged:
+                    self._replace_blob(tmp, digest)
+                else:
+                    self._commit_blob(tmp, digest)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
@@ -229,21 +416,26 @@ class LocalStore:
             return []
         return sorted(p.name for p in d.iterdir() if not p.name.startswith("."))
 
-    def clear_tmp(self, older_than: float = 0.0) -> list[Path]:
-        """Remove staging leftovers older than ``older_than`` seconds; returns what was removed."""
-        import time
 
-        removed = []
-        if self.tmp.is_dir():
-            now = time.time()
-            for p in self.tmp.iterdir():
-                try:
-                    if now - p.lstat().st_mtime >= older_than:
-                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-                        removed.append(p)
-                except FileNotFoundError:
-                    continue
-        return removed
+
+def entry_size(path: Path) -> int:
+    """Bytes held by a file, or by the files below a directory (links not followed)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir())
+        return path.lstat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def remove_entry(path: Path) -> int:
+    """Remove a file or directory tree (a link is removed, never followed); returns the bytes freed."""
+    size = entry_size(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    return size
 
 
 def corrupt(expected: str, actual: str, path: Path, ref: str | None = None) -> IntegrityError:
