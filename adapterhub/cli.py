@@ -257,7 +257,7 @@ def push(reg: _LazyRegistry, directory: str, target: str, tags: tuple[str, ...],
 
     Stores what an adapter directory is (adapter configs, the weights, README, tokenizer files,
     generation/chat templates) and lists what it left out; --include GLOB or --include-all store more.
-    Pickles (*.bin, *.pt, ...) only with --allow-pickle.
+    Pickles (*.bin, *.pt, *.pth, *.pkl, *.ckpt) are stored only with --allow-pickle.
     """
     parsed = {}
     for m in metrics:
@@ -278,9 +278,11 @@ def push(reg: _LazyRegistry, directory: str, target: str, tags: tuple[str, ...],
                                base=base_dir, allow_pickle=allow_pickle, include=include, include_all=include_all,
                                allow_duplicate=allow_duplicate, progress=progress)
     if result.left_out:
-        shown = ", ".join(f"{x.path} ({x.reason})" for x in result.left_out[:10])
-        more = f", and {len(result.left_out) - 10} more" if len(result.left_out) > 10 else ""
-        click.echo(f"left out {len(result.left_out)} file(s): {shown}{more}", err=True)
+        shown = ", ".join(x.path + ("" if x.reason == "not an adapter file" else f" ({x.reason})")
+                          for x in result.left_out[:20])
+        more = f", and {len(result.left_out) - 20} more" if len(result.left_out) > 20 else ""
+        click.echo(f"left out (not part of an adapter; --include GLOB or --include-all stores them, pickles also "
+                   f"need --allow-pickle): {shown}{more}", err=True)
     if result.repaired:
         click.echo(f"repaired the damaged stored copy of: {', '.join(result.repaired)}", err=True)
     if result.duplicate:
@@ -349,8 +351,8 @@ def list_(reg: _LazyRegistry, pattern: str | None, kind: str | None, base: str |
         rows = registry.list(pattern, kind=kind, base=base, tag=tag)
         damaged = registry.damaged()
     for d in damaged:
-        click.echo(f"warning: {d.ref} is damaged and not listed ({d.problem}); fix: `adapterhub rm {d.ref}`, or "
-                   "restore its manifest blob and run `adapterhub reindex`.", err=True)
+        click.echo(f"warning: {d.ref} is damaged and not listed: {d.problem}; fix: `adapterhub rm {d.ref}` (or "
+                   "restore the blob and run `adapterhub reindex`).", err=True)
     if as_json:
         _emit_json([r.to_dict() for r in rows])
         return
@@ -371,7 +373,7 @@ def list_(reg: _LazyRegistry, pattern: str | None, kind: str | None, base: str |
 @json_option
 @pass_registry
 def show(reg: _LazyRegistry, ref: str, as_json: bool) -> None:
-    """Show version REF: its manifest and what the stored adapter is (r, alpha, targets, ...)."""
+    """Show version REF: its manifest, and r, alpha and targets (or the kind's own essentials) of the adapter."""
     with _errors():
         info = reg.get().show(ref)
     if as_json:
@@ -443,9 +445,9 @@ def rm(reg: _LazyRegistry, ref: str) -> None:
 
 @cli.command(short_help="Free unreferenced blobs, old snapshots, staging leftovers.")
 @click.option("--dry-run", is_flag=True, help="Only print what would be removed.")
-@click.option("--temp-grace", type=click.FloatRange(min=0), default=3600, show_default=True, metavar="SECONDS",
-              help="Age after which staging files that no running process owns are removed (0: now). Files of "
-                   "killed pushes are removed at once, those of running pushes never.")
+@click.option("--temp-grace", type=click.FloatRange(min=0), default=3600, metavar="SECONDS",
+              help="Age after which staging files no running process owns are removed (default 3600; 0: now). "
+                   "Those of killed pushes go at once, those of running pushes never.")
 @json_option
 @pass_registry
 def gc(reg: _LazyRegistry, dry_run: bool, temp_grace: float, as_json: bool) -> None:
@@ -497,8 +499,7 @@ def reindex(reg: _LazyRegistry) -> None:
         registry.reindex()
         damaged = registry.damaged()
     for d in damaged:
-        click.echo(f"warning: skipped damaged version {d.ref} ({d.problem}); fix: `adapterhub rm {d.ref}`.",
-                   err=True)
+        click.echo(f"warning: skipped damaged version {d.ref}: {d.problem}; fix: `adapterhub rm {d.ref}`.", err=True)
     click.echo("index rebuilt")
 
 

@@ -24,6 +24,9 @@ Modes:
     failed-push-then-tag REGISTRY SRC NAME REF TAG
         In one process: a push of SRC to NAME that must fail with StorageError (the parent made the
         refs unwritable), then ``tag(REF, TAG)``; print ``STORAGE_ERROR`` then ``TAGGED``.
+    hold-staging REGISTRY NBYTES
+        Write NBYTES to a staging file of the registry the way a push does (``tmp/<token>.blob-...``),
+        print ``STAGING <path>``, then sleep until killed: a push in flight, frozen.
 """
 
 from __future__ import annotations
@@ -150,6 +153,15 @@ def failed_push_then_tag(registry: str, src: str, name: str, ref: str, tag: str)
     say("TAGGED")
 
 
+def hold_staging(registry: str, nbytes: int) -> None:
+    reg = Registry(registry)
+    fd, path = reg.store._temp()
+    os.write(fd, b"\0" * nbytes)
+    say(f"STAGING {path}")
+    while True:
+        time.sleep(60)
+
+
 def main(argv: list[str]) -> None:
     mode, *args = argv
     if mode == "push-loop":
@@ -164,6 +176,8 @@ def main(argv: list[str]) -> None:
         init_race(args[0], int(args[1]), int(args[2]))
     elif mode == "failed-push-then-tag":
         failed_push_then_tag(*args)
+    elif mode == "hold-staging":
+        hold_staging(args[0], int(args[1]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 from conftest import ADAPTERS_LIB
@@ -122,3 +123,201 @@ def test_manifests_follow_the_published_schema(tmp_path):
     bad = dict(manifests[0], files=[{"path": "../x", "sha256": "0" * 64, "size": 1}])
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, schema)
+
+
+def _blob(tmp_path: Path, digest: str) -> Path:
+    hexd = digest.removeprefix("sha256:")
+    return tmp_path / "reg" / "blobs" / "sha256" / hexd[:2] / hexd[2:]
+
+
+def test_a_damaged_version_is_reported_and_removed_with_the_printed_fix(registry_cli, tmp_path):
+    registry_cli("push", ADAPTERS_LIB / "minilm_lora", "team/good")
+    bad = registry_cli("push", ADAPTERS_LIB / "llama_lora", "team/bad").output.split()[-1]
+    _blob(tmp_path, bad).unlink()
+    for f in (tmp_path / "reg").glob("index.sqlite*"):
+        f.unlink()
+    listed = registry_cli("list")
+    assert listed.exit_code == 0 and "team/good@1" in listed.stdout and "team/bad" not in listed.stdout
+    assert listed.stderr == (f"warning: team/bad@1 is damaged and not listed: its manifest blob {bad[:19]}... is "
+                             "missing; fix: `adapterhub rm team/bad@1` (or restore the blob and run `adapterhub "
+                             "reindex`).\n")
+    verified = registry_cli("verify")
+    assert verified.exit_code == 1 and "error[manifest] team/bad@1: the manifest of 'team/bad@1' is missing" in \
+        verified.stdout
+    assert registry_cli("reindex").exit_code == 0
+    assert registry_cli("push", ADAPTERS_LIB / "minilm_lora_all", "team/other").exit_code == 0
+    assert registry_cli("rm", "team/bad@1").exit_code == 0
+    assert registry_cli("verify").exit_code == 0
+    assert registry_cli("list").stderr == ""
+
+
+def test_re_pushing_repairs_a_corrupt_blob(registry_cli, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ADAPTERS_LIB / "llama_lora", src)
+    registry_cli("push", src, "team/x")
+    manifest = json.loads(registry_cli("show", "team/x", "--json").output)["manifest"]
+    weights = next(f for f in manifest["files"] if f["path"] == "adapter.safetensors")["sha256"]
+    blob = _blob(tmp_path, weights)
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[200] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    bad = registry_cli("pull", "team/x", "-o", tmp_path / "bad")
+    assert bad.exit_code == 1 and "fix: re-push the adapter" in bad.stderr
+    fixed = registry_cli("push", src, "team/x")  # the fix, as printed
+    assert fixed.exit_code == 0
+    assert fixed.stdout.splitlines()[0] == ("team/x@1 already holds identical content; nothing pushed "
+                                            "(use --allow-duplicate to make a new version)")
+    assert "repaired the damaged stored copy of: adapter.safetensors" in fixed.stderr
+    assert registry_cli("verify").exit_code == 0
+    assert registry_cli("pull", "team/x", "-o", tmp_path / "good", "--format", "adapters").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "good").iterdir()) == sorted(p.name for p in src.iterdir())
+    for p in src.iterdir():
+        assert (tmp_path / "good" / p.name).read_bytes() == p.read_bytes()
+
+
+def test_push_lists_what_it_left_out_and_duplicates_are_said_so(registry_cli, tmp_path):
+    src = tmp_path / "run"
+    shutil.copytree(ADAPTERS_LIB / "minilm_lora", src)
+    (src / "optimizer.pt").write_bytes(b"\x80\x04K\x01.")
+    (src / "notes.txt").write_text("x")
+    first = registry_cli("push", src, "x", "--tag", "prod")
+    assert first.exit_code == 0
+    assert first.stderr == ("left out (not part of an adapter; --include GLOB or --include-all stores them, pickles "
+                            "also need --allow-pickle): notes.txt, optimizer.pt (pickle)\n")
+    again = registry_cli("push", src, "x", "--tag", "stable")
+    assert again.exit_code == 0
+    assert again.stdout.splitlines()[0] == ("x@1 already holds identical content; nothing pushed (use "
+                                            "--allow-duplicate to make a new version)")
+    assert "tags not applied: stable" in again.stderr
+    assert registry_cli("push", src, "x", "--allow-duplicate").stdout.split()[0] == "x@2"
+    assert registry_cli("push", src, "x", "--include", "*.pt").exit_code == 2
+    assert registry_cli("push", src, "x", "--include", "notes.txt").stdout.split()[0] == "x@3"
+
+
+def test_pull_defaults_to_peft_for_a_blend_and_show_prints_r_alpha_targets(registry_cli, tmp_path):
+    import torch
+    from conftest import peft_outputs
+
+    a, b = ADAPTERS_LIB / "llama_lora", ADAPTERS_LIB / "llama_lora_all"
+    blended = registry_cli("blend", a, b, "--weights", "0.6,0.4", "--method", "cat", "--push", "team/blend")
+    assert blended.exit_code == 0, blended.output
+    pulled = registry_cli("pull", "team/blend", "-o", tmp_path / "pulled")
+    assert pulled.exit_code == 0
+    assert pulled.stderr == ("note: converted from the stored adapterhub format to PEFT (--format adapterhub writes "
+                             "the stored files)\n")
+    assert (tmp_path / "pulled" / "adapter_config.json").is_file()
+    direct = registry_cli("blend", a, b, "--weights", "0.6,0.4", "--method", "cat", "-o", tmp_path / "direct")
+    assert direct.exit_code == 0
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    base = ADAPTERS_LIB / "tiny_llama_base"
+    assert torch.equal(peft_outputs(base, tmp_path / "pulled", ids), peft_outputs(base, tmp_path / "direct", ids))
+    stored = registry_cli("pull", "team/blend", "-o", tmp_path / "stored", "--format", "adapterhub")
+    assert stored.exit_code == 0 and stored.stderr == "" and (tmp_path / "stored" / "adapterhub.json").is_file()
+
+    registry_cli("push", ADAPTERS_LIB / "minilm_lora", "team/lora")
+    text = registry_cli("show", "team/lora").stdout
+    assert "targets     12 modules (query, value)" in text and "ranks       r=8 alpha=16;" in text
+    shown = json.loads(registry_cli("show", "team/lora", "--json").stdout)
+    assert shown["adapter"]["lora"]["r"] == 8 and shown["adapter"]["lora"]["alpha"] == 16
+    assert shown["adapter"]["targets"]["leaf_names"] == ["query", "value"]
+    registry_cli("push", ADAPTERS_LIB / "minilm_seq_bn", "team/bn")
+    assert "bottleneck  seq_bn, hidden 384" in registry_cli("show", "team/bn").stdout
+    digest = shown["digest"]
+    assert json.loads(registry_cli("show", f"team/lora@{digest[:15]}", "--json").stdout)["ref"] == "team/lora@1"
+    short = registry_cli("show", f"team/lora@{digest[:14]}")
+    assert short.exit_code == 2 and "at least 8 digits" in short.stderr
+
+
+def test_gc_temp_grace_and_what_gc_prints(registry_cli, tmp_path):
+    import os
+    import time
+
+    registry_cli("push", ADAPTERS_LIB / "minilm_lora", "a")
+    registry_cli("push", ADAPTERS_LIB / "llama_lora", "b")
+    registry_cli("rm", "b@1")
+    old = tmp_path / "reg" / "tmp" / "blob-from-an-older-adapterhub"
+    old.write_bytes(b"z" * 100)
+    dry = registry_cli("gc", "--dry-run")
+    assert dry.stdout.startswith("would remove 5 blob(s), 0 snapshot(s), 0 staging leftover(s): would free ")
+    assert registry_cli("gc").stdout.startswith("removed 5 blob(s), 0 snapshot(s), 0 staging leftover(s): freed ")
+    assert old.exists(), "an unowned, fresh staging file waits for the grace period"
+    os.utime(old, (time.time() - 10, time.time() - 10))
+    done = json.loads(registry_cli("gc", "--temp-grace", "5", "--json").stdout)
+    assert done["temp"] == [str(old)] and done["freed_size"] == 100 and done["kept"] == [] and not old.exists()
+    assert registry_cli("gc", "--temp-grace", "-1").exit_code == 2
+
+
+REGISTRY_COMMANDS = ("push", "pull", "list", "show", "tag", "untag", "rm", "gc", "verify", "reindex")
+
+
+def test_registry_help_lines_are_complete():
+    result = CliRunner().invoke(cli, ["--help"], terminal_width=80)
+    listing = result.output.split("Commands:\n", 1)[1].splitlines()
+    seen = set()
+    for line in listing:
+        name, _, text = line.strip().partition(" ")
+        if name in REGISTRY_COMMANDS:
+            seen.add(name)
+            assert text.strip().endswith(".") and not text.strip().endswith("..."), line
+    assert seen == set(REGISTRY_COMMANDS)
+    for name in REGISTRY_COMMANDS:
+        command = cli.commands[name]
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                assert param.help and param.help.rstrip().endswith((".", ")")), (name, param.name)
+        page = CliRunner().invoke(cli, [name, "--help"], terminal_width=80).output
+        assert "..." not in page, name
+
+
+@pytest.fixture
+def read_only_registry(tmp_path):
+    import contextlib
+    import os
+    import subprocess
+
+    root = tmp_path / "reg"
+
+    @contextlib.contextmanager
+    def _ro():
+        if os.geteuid() == 0:
+            if subprocess.run(["mount", "--bind", str(root), str(root)], capture_output=True).returncode:
+                pytest.skip("cannot bind-mount")
+            try:
+                subprocess.run(["mount", "-o", "remount,ro,bind", str(root)], check=True, capture_output=True)
+                yield
+            finally:
+                subprocess.run(["umount", "-l", str(root)], check=False)
+        else:
+            paths = [root, *root.rglob("*")]
+            modes = {p: p.stat().st_mode for p in paths if not p.is_symlink()}
+            for p in sorted(modes, key=lambda p: -len(p.parts)):
+                os.chmod(p, modes[p] & ~0o222)
+            try:
+                yield
+            finally:
+                for p in sorted(modes, key=lambda p: len(p.parts)):
+                    os.chmod(p, modes[p])
+
+    return _ro
+
+
+def test_read_commands_work_on_a_read_only_registry_and_writes_fail_in_one_line(registry_cli, read_only_registry,
+                                                                                   tmp_path):
+    registry_cli("push", ADAPTERS_LIB / "minilm_lora", "team/a", "--tag", "prod")
+    registry_cli("push", ADAPTERS_LIB / "llama_lora", "team/b")
+    with read_only_registry():
+        for args in (["list"], ["list", "--json"], ["show", "team/a@prod"], ["verify"],
+                     ["pull", "team/a", "-o", tmp_path / "out"], ["gc", "--dry-run"]):
+            result = registry_cli(*args)
+            assert result.exit_code == 0, (args, result.output)
+            assert "warning" not in result.stderr and "error" not in result.stderr, (args, result.stderr)
+        assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+        for args in (["push", ADAPTERS_LIB / "minilm_seq_bn", "c"], ["tag", "team/a@1", "t"], ["rm", "team/a@1"],
+                     ["gc"], ["reindex"], ["untag", "team/a", "prod"]):
+            result = registry_cli(*args)
+            assert result.exit_code == 1, (args, result.output)
+            lines = result.stderr.splitlines()
+            assert lines[0].startswith("error: cannot ") and lines[0].endswith(f"the registry at {tmp_path / 'reg'} "
+                                                                               "is read-only.")
+            assert len(lines) == 2 and lines[1].startswith("  fix: ") and "Traceback" not in result.output

@@ -1058,3 +1058,495 @@ def test_load_of_a_pushed_adapter_object_and_of_a_pickle(tmp_path, make_peft, ll
         adapterhub.load("pickled@t", registry=root)
     got = adapterhub.load("pickled@t", registry=root, allow_pickle=True)
     _assert_same_tensors(got, read_adapter(ADAPTERS_LIB / "llama_seq_bn_bin", allow_pickle=True))
+
+
+# --- 11. one damaged version never blocks the rest ------------------------------------------------
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "missing":
+        path.unlink()
+    else:
+        corrupt_blob(path, offset=5)
+
+
+@pytest.mark.parametrize("how", ["missing", "corrupt"])
+def test_one_damaged_manifest_never_blocks_the_rest(how, tmp_path):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    good = reg.push(MINILM_LORA, "team/good", tags=["prod"])
+    bad = reg.push(LLAMA_LORA, "team/bad")
+    also = reg.push(ADAPTERS_LIB / "minilm_seq_bn", "team/bad")
+    reg.close()
+    _damage(blob_path(root, bad.digest), how)
+    for f in root.glob("index.sqlite*"):
+        f.unlink()  # FORMAT.md: the index may be deleted at any time
+
+    fresh = Registry(root)
+    assert _listed(fresh) == {("team/good", "1", good.digest), ("team/bad", "2", also.digest)}
+    [damaged] = fresh.damaged()
+    state = "missing" if how == "missing" else "corrupt (sha256 mismatch)"
+    assert (damaged.ref, damaged.problem) == ("team/bad@1", f"its manifest blob {bad.digest[:19]}... is {state}")
+    report = fresh.verify()
+    assert not report.ok
+    assert [(p.what, p.where) for p in report.problems if p.severity == "error"] == [("manifest", "team/bad@1")]
+    assert "fix: `adapterhub rm team/bad@1` removes the damaged version" in report.problems[0].message
+    fresh.reindex()
+    assert [d.ref for d in fresh.damaged()] == ["team/bad@1"]
+    assert fresh.resolve("team/bad").version == "2", "latest still names the newest readable version"
+    assert fresh.push(ADAPTERS_LIB / "minilm_lora_all", "team/other").version == "1"
+    assert fresh.push(ADAPTERS_LIB / "minilm_lora_all", "team/bad").version == "3"
+    with pytest.raises(IntegrityError, match="fix: `adapterhub rm team/bad@1`"):
+        fresh.pull("team/bad@1", tmp_path / "out")
+    with pytest.raises(RegistryError, match="gc refuses to run"):
+        fresh.gc()
+
+    fresh.rm("team/bad@1")  # the printed fix
+    assert fresh.damaged() == []
+    report = fresh.verify()
+    assert report.ok, report.problems
+    assert {v.ref for v in fresh.list()} == {"team/good@1", "team/bad@2", "team/bad@3", "team/other@1"}
+    assert fresh.resolve("team/good@prod").digest == good.digest
+    fresh.gc()
+    assert fresh.verify().orphans == []
+
+
+def test_a_corrupt_blob_is_repaired_by_the_printed_fix(tmp_path):
+    """The message says "re-push the adapter": doing exactly that repairs the stored blob in place."""
+    src = tmp_path / "src"
+    shutil.copytree(LLAMA_LORA, src)
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    first = reg.push(src, "team/x")
+    blob = file_blob(reg, "team/x", "adapter.safetensors")
+    corrupt_blob(blob, offset=100)
+    with pytest.raises(IntegrityError) as e:
+        reg.pull("team/x", tmp_path / "bad")
+    assert "fix: re-push the adapter" in str(e.value)
+
+    again = Registry(root).push(src, "team/x")  # exactly the fix
+    assert again.duplicate and not again.created and again.version == "1" and again.digest == first.digest
+    assert again.repaired == ("adapter.safetensors",)
+    assert blob.stat().st_mode & 0o777 == 0o444
+    assert sha256_file(blob) == "sha256:" + blob.parent.name + blob.name
+    fresh = Registry(root)
+    assert fresh.verify().ok and fresh.verify().orphans == []
+    assert dir_hashes(fresh.pull("team/x", tmp_path / "good")) == dir_hashes(src)
+    _assert_same_tensors(fresh.load("team/x"), read_adapter(src))
+    # a missing blob: the same fix stores it again
+    blob.unlink()
+    assert Registry(root).push(src, "other").created
+    assert Registry(root).verify().ok
+
+
+def test_push_trusts_a_blob_only_while_its_stat_stamp_is_unchanged(tmp_path, monkeypatch):
+    from adapterhub.registry import store
+
+    hashed: list[Path] = []
+    real = store.hash_file
+
+    def spy(path, progress=None):
+        hashed.append(Path(path))
+        return real(path, progress)
+
+    monkeypatch.setattr(store, "hash_file", spy)
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.push(MINILM_LORA, "a")
+    weights = file_blob(reg, "a", "adapter.safetensors")
+    reg.push(MINILM_LORA, "b")
+    assert hashed == [], "unchanged blobs hashed at push are trusted by their stamp"
+    os.chmod(weights, 0o444)  # a chmod changes ctime: the stamp no longer matches
+    reg.push(MINILM_LORA, "c")
+    assert hashed == [weights], "a blob whose stamp changed is re-hashed"
+    hashed.clear()
+    reg.push(MINILM_LORA, "d")
+    assert hashed == [], "re-hashed and intact: stamped again"
+    reg.close()
+    for f in root.glob("index.sqlite*"):
+        f.unlink()
+    Registry(root).push(MINILM_LORA, "e")
+    assert sorted(hashed) == sorted(blob_path(root, "sha256:" + f["sha256"]) for f in reg.manifest("a")["files"]), \
+        "no stamp (index deleted): every existing blob is re-hashed"
+
+
+# --- 12. staging of killed pushes and gc's report --------------------------------------------------
+
+
+def test_staging_of_a_killed_writer_is_removed_at_once_and_a_running_ones_never(tmp_path):
+    root = tmp_path / "reg"
+    Registry(root).push(MINILM_LORA, "a")
+    proc = subprocess.Popen([sys.executable, str(WORKER), "hold-staging", str(root), "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().split()
+        assert line[:1] == ["STAGING"], proc.stderr.read()
+        staging = Path(line[1])
+        assert staging.parent == root / "tmp" and staging.stat().st_size == 100000
+        reg = Registry(root)
+        assert not any(p.what == "staging" for p in reg.verify().orphans), "a running writer's file is no orphan"
+        assert reg.gc(temp_grace=0).temp == [] and staging.exists(), "gc never removes a running writer's file"
+        reg.push(LLAMA_LORA, "b")
+        assert staging.exists(), "nor does a push"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    reg = Registry(root)
+    [orphan] = [p for p in reg.verify().orphans if p.what == "staging"]
+    assert orphan.where == str(staging) and f"(pid {proc.pid})" in orphan.message
+    assert reg.gc(dry_run=True).temp == [staging], "a dead writer's file is planned at once, whatever the grace"
+    done = reg.gc()
+    assert done.temp == [staging] and done.freed_size == 100000
+    assert list((root / "tmp").iterdir()) == [] and list((root / "locks" / "staging").glob("*.lock")) == [
+        p for p in (root / "locks" / "staging").glob("*.lock") if p.name.startswith(f"w{os.getpid()}-")]
+    assert reg.verify().orphans == []
+
+
+def test_a_push_killed_mid_write_leaves_staging_the_next_push_removes(tmp_path, big_adapter):
+    """A real push killed with SIGKILL while its staging copy exists; the next push removes that copy."""
+    root = tmp_path / "reg"
+    Registry(root).push(LLAMA_LORA, "seed")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    left: list[Path] = []
+    for attempt in range(20):
+        proc = subprocess.Popen([sys.executable, str(WORKER), "push-loop", str(root), str(big_adapter), str(workdir),
+                                 str(attempt), "victim"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
+        token = f"w{proc.pid}-"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(n.startswith(token) for n in os.listdir(root / "tmp")):
+            pass
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        left = [p for p in (root / "tmp").iterdir() if p.name.startswith(token)]
+        if left:
+            break
+    assert left, "no kill landed while a staging file existed"
+    assert sum(p.stat().st_size for p in left) > 0
+    Registry(root).push(MINILM_LORA, "next")
+    assert not any(p.exists() for p in left), "the dead push's staging file was not removed"
+    report = Registry(root).verify()
+    assert report.ok and not any(p.what == "staging" for p in report.orphans)
+
+
+def test_gc_reports_what_it_removed_not_what_it_planned(tmp_path, minilm_plus):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.push(MINILM_LORA, "keep")
+    gone = reg.push(minilm_plus, "gone")
+    readme = sha256_file(minilm_plus / "README.md")
+    reg.rm("gone@1")
+    plan = reg.gc(dry_run=True)
+    assert set(plan.blobs) == {gone.digest, readme}
+    # between plan and removal a push stores the same README again: its blob is referenced once more
+    reg.push(minilm_plus, "again")
+    done = plan.execute()
+    assert done.blobs == [gone.digest] and done.kept == [readme]
+    assert done.freed_size == len(canonical_json(gone.manifest))
+    assert blob_path(root, readme).is_file() and not blob_path(root, gone.digest).exists()
+    assert reg.verify().ok
+
+
+# --- 13. what a push stores ------------------------------------------------------------------------
+
+
+def _training_output(tmp_path: Path) -> Path:
+    d = tmp_path / "run"
+    shutil.copytree(MINILM_LORA, d)
+    (d / "README.md").write_text("# card\n")
+    (d / "tokenizer.json").write_text("{}")
+    (d / "chat_template.jinja").write_text("{{ messages }}")
+    (d / "optimizer.pt").write_bytes(b"\x80\x04K\x01." * 100)
+    (d / "training_args.bin").write_bytes(b"\x80\x04K\x02.")
+    (d / "trainer_state.json").write_text("{}")
+    (d / "checkpoint-10").mkdir()
+    (d / "checkpoint-10" / "adapter.safetensors").write_bytes(b"x")
+    (d / "checkpoint-10" / "rng_state.pth").write_bytes(b"x")
+    (d / ".git").mkdir()
+    (d / ".git" / "HEAD").write_text("ref\n")
+    return d
+
+
+def test_push_stores_only_the_adapter_and_lists_what_it_left_out(tmp_path):
+    from adapterhub.registry.contents import LeftOut
+
+    src = _training_output(tmp_path)
+    reg = Registry(tmp_path / "reg")
+    res = reg.push(src, "x")
+    assert [f["path"] for f in res.manifest["files"]] == [
+        "README.md", "adapter.safetensors", "adapter_config.json", "chat_template.jinja", "tokenizer.json"]
+    assert res.left_out == (LeftOut(".git/", "hidden"), LeftOut("checkpoint-10/", "directory of 2 file(s)"),
+                            LeftOut("optimizer.pt", "pickle"), LeftOut("trainer_state.json", "not an adapter file"),
+                            LeftOut("training_args.bin", "pickle"))
+    more = reg.push(src, "y", include=["trainer_state.json", "checkpoint-10/*.safetensors"])
+    assert {f["path"] for f in more.manifest["files"]} - {f["path"] for f in res.manifest["files"]} == {
+        "trainer_state.json", "checkpoint-10/adapter.safetensors"}
+    everything = reg.push(src, "z", include_all=True)
+    assert {f["path"] for f in everything.manifest["files"]} - {f["path"] for f in res.manifest["files"]} == {
+        "trainer_state.json", "checkpoint-10/adapter.safetensors"}, "pickles and hidden files stay out"
+    with pytest.raises(PickleRefusedError, match="optimizer.pt matches --include but is a pickle"):
+        reg.push(src, "p", include=["*.pt"])
+    pickled = reg.push(src, "p", include=["*.pt"], allow_pickle=True)
+    assert "optimizer.pt" in {f["path"] for f in pickled.manifest["files"]}
+    assert not (reg.root / "refs" / "_" / "p" / "versions" / "2").exists()
+
+
+def test_push_and_readers_refuse_links_that_leave_the_folder(tmp_path):
+    from adapterhub.errors import UnsafeLinkError
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0\n")
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.push(MINILM_LORA, "before")
+    before = disk_refs(root)
+    for link_name, target in (("README.md", secret), ("adapter_config.json", secret),
+                              ("adapter.safetensors", MINILM_LORA / "adapter.safetensors")):
+        d = tmp_path / f"evil-{link_name}"
+        shutil.copytree(MINILM_LORA, d)
+        (d / link_name).unlink(missing_ok=True)
+        (d / link_name).symlink_to(target)
+        with pytest.raises(UnsafeLinkError) as e:
+            reg.push(d, "evil")
+        assert e.value.path == d / link_name and e.value.target == target
+        assert str(e.value).startswith(f"{d / link_name} is a symbolic link to {target}, outside the adapter "
+                                       f"folder {d}; adapterhub does not follow links that leave the folder.\n"
+                                       "  fix: ")
+        if link_name != "README.md":
+            with pytest.raises(UnsafeLinkError):
+                read_adapter(d)
+    assert disk_refs(root) == before
+    inside = tmp_path / "inside"
+    shutil.copytree(MINILM_LORA, inside)
+    (inside / "README.md").symlink_to("adapter_config.json")  # a link within the folder is fine
+    res = reg.push(inside, "ok")
+    assert {f["path"]: f["sha256"] for f in res.manifest["files"]}["README.md"] == \
+        sha256_file(inside / "adapter_config.json").removeprefix("sha256:")
+
+
+def test_an_adapter_in_a_hugging_face_cache_snapshot_is_read_and_pushed(tmp_path):
+    """huggingface_hub's cache: snapshots/<rev>/<file> -> ../../blobs/<hash>; links into the cache's own
+    blobs are allowed, links elsewhere are not."""
+    from adapterhub.errors import UnsafeLinkError
+
+    cache = tmp_path / "models--x--lora"
+    snap = cache / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (cache / "blobs").mkdir()
+    for f in MINILM_LORA.iterdir():
+        blob = cache / "blobs" / sha256_file(f).removeprefix("sha256:")
+        shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    _assert_same_tensors(read_adapter(snap), read_adapter(MINILM_LORA))
+    reg = Registry(tmp_path / "reg")
+    assert dir_hashes(reg.pull(reg.push(snap, "hf").ref, tmp_path / "out", format=None)) == dir_hashes(MINILM_LORA)
+    fake = tmp_path / "fake"
+    (fake / "snapshots" / "r").mkdir(parents=True)
+    (fake / "blobs").symlink_to(MINILM_LORA)  # a "blobs" that is a link is not a cache
+    for f in MINILM_LORA.iterdir():
+        (fake / "snapshots" / "r" / f.name).symlink_to(f"../../blobs/{f.name}")
+    with pytest.raises(UnsafeLinkError):
+        read_adapter(fake / "snapshots" / "r")
+
+
+# --- 14. references: digest prefixes, tags -------------------------------------------------------
+
+
+def test_unique_digest_prefixes_resolve_and_ambiguous_ones_are_refused(tmp_path):
+    from adapterhub.errors import AmbiguousReferenceError
+
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    v1 = reg.push(MINILM_LORA, "x")
+    v2 = reg.push(LLAMA_LORA, "x")
+    for n in (8, 12, 64):
+        assert reg.resolve(f"x@{v1.digest[:7 + n]}").version == "1"
+        assert reg.resolve(f"x@{v2.digest[:7 + n]}").version == "2"
+    with pytest.raises(InvalidReferenceError) as e:
+        reg.resolve(f"x@{v1.digest[:14]}")
+    assert str(e.value) == (f"invalid digest in 'x@{v1.digest[:14]}': expected sha256: and 8 to 64 lower-case hex "
+                            "digits (a unique prefix of at least 8 digits is enough).")
+    with pytest.raises(NotFoundError):
+        reg.resolve("x@sha256:00000000")
+    # two versions whose digests share 8 digits (written by hand: finding real ones takes ~2^16 pushes)
+    versions = root / "refs" / "_" / "y" / "versions"
+    versions.mkdir(parents=True)
+    (versions / "1").write_text("sha256:73f0f5ab" + "1" * 56 + "\n")
+    (versions / "2").write_text("sha256:73f0f5ab" + "2" * 56 + "\n")
+    with pytest.raises(AmbiguousReferenceError) as e:
+        reg.resolve("y@sha256:73f0f5ab")
+    assert e.value.candidates == ("y@1", "y@2")
+    assert str(e.value) == ("'y@sha256:73f0f5ab' is ambiguous: 2 versions have a digest starting with "
+                            "sha256:73f0f5ab: y@1 (sha256:73f0f5ab1111...), y@2 (sha256:73f0f5ab2222...).\n"
+                            "  fix: give more hex digits of the digest, or the version.")
+    assert reg.resolve("y@sha256:73f0f5ab2").version == "2"
+
+
+@pytest.mark.parametrize("tag", ["01", "1.0", "1e3", "-1", "inf", "nan", "infinity", "1_000", "true", "false",
+                                 "null", "0x1f"])
+def test_tags_that_read_as_numbers_or_booleans_are_refused(tag, tmp_path):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.push(MINILM_LORA, "a")
+    before = tree(root)
+    if tag == "0x1f":  # reads as a number to no tool we know of: allowed
+        reg.tag("a@1", tag)
+        assert reg.resolve(f"a@{tag}").version == "1"
+        return
+    for call in (lambda: reg.tag("a@1", tag), lambda: reg.push(LLAMA_LORA, "a", tags=[tag])):
+        with pytest.raises(InvalidReferenceError):
+            call()
+    assert tree(root) == before
+    if tag == "1.0":
+        with pytest.raises(InvalidReferenceError) as e:
+            reg.tag("a@1", tag)
+        assert str(e.value) == ("tag '1.0' reads as a number; numbers are reserved for versions.\n"
+                                "  fix: start the tag with a letter, e.g. 'v1.0'.")
+    if tag == "true":
+        with pytest.raises(InvalidReferenceError) as e:
+            reg.tag("a@1", tag)
+        assert str(e.value) == ("tag 'true' reads as a boolean to YAML and JSON tools.\n"
+                                "  fix: choose another word, e.g. 'is-true'.")
+
+
+# --- 15. identical content under another version --------------------------------------------------
+
+
+def test_pushing_identical_content_again_makes_no_new_version_unless_asked(tmp_path, minilm_dir):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    first = reg.push(MINILM_LORA, "x", tags=["prod"])
+    reg.push(LLAMA_LORA, "x")
+    refs = tree(root / "refs")
+    for target in ("x", "x@7"):
+        again = reg.push(MINILM_LORA, target, tags=["other"], description="same files")
+        assert again.duplicate and not again.created
+        assert (again.version, again.digest) == ("1", first.digest)
+    assert tree(root / "refs") == refs, "nothing was pushed, no tag moved"
+    assert reg.push(MINILM_LORA, "y").created, "another name is another adapter"
+    assert reg.push(MINILM_LORA, "x", base=minilm_dir).version == "3", "a newly recorded base is new content"
+    dup = reg.push(MINILM_LORA, "x", allow_duplicate=True)
+    assert dup.created and not dup.duplicate and dup.version == "4"
+    assert reg.verify().ok
+
+
+# --- 16. pull's default format, show -------------------------------------------------------------
+
+
+def test_pull_format_defaults_to_peft_where_peft_can_express_the_adapter(tmp_path, llama_base, make_peft):
+    from peft import IA3Config, PrefixTuningConfig
+
+    reg = Registry(tmp_path / "reg")
+    sources = {"lora": LLAMA_LORA,
+               "ia3": make_peft(llama_base, IA3Config(target_modules=["k_proj", "down_proj"],
+                                                      feedforward_modules=["down_proj"]), seed=4),
+               "prefix": make_peft(llama_base, PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"), seed=5)}
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    for kind, src in sources.items():
+        adapter = read_adapter(src)
+        reg.push(adapter, f"blend-{kind}")  # an Adapter value is stored in adapterhub's own format, as blends are
+        assert reg.manifest(f"blend-{kind}")["format"] == "adapterhub"
+        auto = reg.pull_format(f"blend-{kind}", "auto")
+        assert (auto.format, auto.stored) == ("peft", "adapterhub")
+        assert auto.note == ("converted from the stored adapterhub format to PEFT (--format adapterhub writes the "
+                             "stored files)")
+        out = reg.pull(f"blend-{kind}", tmp_path / kind, format="auto")
+        assert detect(out) == "peft"
+        _assert_same_tensors(read_adapter(out), adapter)
+        if kind != "lora":  # PEFT itself loads the pulled directory and computes what the source computes
+            assert torch.equal(peft_outputs(llama_base, out, ids), peft_outputs(llama_base, src, ids))
+    assert reg.pull_format("blend-lora", "adapterhub").format == "adapterhub"
+    assert reg.pull_format("blend-lora", None).format == "adapterhub", "the Python default stays the stored format"
+    reg.push(ADAPTERS_LIB / "minilm_seq_bn", "bn")
+    reg.push(ADAPTERS_LIB / "llama_prefix_tuning_flat_safetensors", "flat")
+    bn = reg.pull_format("bn", "auto")
+    assert (bn.format, bn.note) == ("adapters", "PEFT has no bottleneck adapters: written in the stored "
+                                                "`adapters` library format")
+    flat = reg.pull_format("flat", "auto")
+    assert flat.format == "adapters"
+    assert flat.note == ("this prefix is in the `adapters` library's 'adapters_flat' layout, which needs the base "
+                         "model to convert (adapterhub convert DIR --format peft --base BASE_DIR): written in the "
+                         "stored `adapters` library format")
+
+
+def test_show_says_what_the_stored_adapter_is(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    reg.push(MINILM_LORA, "lora")
+    reg.push(ADAPTERS_LIB / "minilm_seq_bn", "bn")
+    reg.push(ADAPTERS_LIB / "llama_prefix_tuning_safetensors", "prefix")
+    lora = reg.show("lora")["adapter"]
+    assert lora["lora"]["r"] == 8 and lora["lora"]["alpha"] == 16
+    assert lora["targets"]["count"] == 12 and lora["targets"]["leaf_names"] == ["query", "value"]
+    bn = reg.show("bn")["adapter"]["bottleneck"]
+    assert bn["architecture"] == "seq_bn" and bn["reduction_factor"] > 0 and bn["locations"]
+    prefix = reg.show("prefix")["adapter"]["prefix"]
+    assert prefix["num_virtual_tokens"] == 10 and prefix["layout"] == "adapters_mlp"
+
+
+# --- 17. read-only registries ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """Make a registry read-only for this process: a read-only bind mount as root, chmod -R a-w otherwise."""
+    if IS_ROOT:
+        if subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True).returncode:
+            pytest.skip("running as root and cannot bind-mount")
+        try:
+            if subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], capture_output=True).returncode:
+                pytest.skip("cannot remount read-only")
+            yield
+        finally:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+    else:
+        modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")] if not p.is_symlink()}
+        for p in sorted(modes, key=lambda p: -len(p.parts)):
+            os.chmod(p, modes[p] & ~0o222)
+        try:
+            yield
+        finally:
+            for p in sorted(modes, key=lambda p: len(p.parts)):
+                os.chmod(p, modes[p])
+
+
+@pytest.mark.parametrize("index", ["current", "deleted", "stale"])
+def test_a_read_only_registry_can_be_read_and_refuses_writes_clearly(index, tmp_path):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.push(MINILM_LORA, "team/a", tags=["prod"])
+    reg.push(LLAMA_LORA, "team/b")
+    reg.push(ADAPTERS_LIB / "minilm_seq_bn", "bn")
+    if index == "stale":
+        hand_made_version(reg, "team/b", "1", "2")  # a version the index does not hold yet
+    reg.close()
+    if index == "deleted":
+        for f in root.glob("index.sqlite*"):
+            f.unlink()
+    want = _expected(root)
+    before = tree(root)
+    with read_only(root):
+        ro = Registry(root)
+        assert not ro.writable
+        assert _listed(ro) == want
+        assert _listed(ro, kind="bottleneck") == _expected(root, kind="bottleneck")
+        assert ro.show("team/a@prod")["adapter"]["lora"]["r"] == 8
+        report = ro.verify()
+        assert report.ok and report.versions == len(want), report.problems
+        out = ro.pull("team/a", tmp_path / "pulled")
+        assert dir_hashes(out) == dir_hashes(MINILM_LORA)
+        ro.pull("team/b@1", tmp_path / "peft", format="auto")
+        assert detect(tmp_path / "peft") == "peft"
+        _assert_same_tensors(adapterhub.load("team/a", registry=root), read_adapter(MINILM_LORA))
+        for what, call in (("push", lambda: ro.push(MINILM_LORA, "c")), ("tag", lambda: ro.tag("team/a@1", "t")),
+                           ("untag", lambda: ro.untag("team/a", "prod")),
+                           ("remove a version", lambda: ro.rm("team/a@1")), ("collect garbage", ro.gc),
+                           ("rebuild the index", ro.reindex)):
+            with pytest.raises(StorageError) as e:
+                call()
+            assert str(e.value) == (
+                f"cannot {what}: the registry at {root} is read-only.\n  fix: use a registry you can write to "
+                "(--registry PATH or $ADAPTERHUB_REGISTRY), or ask its owner to make it writable; reading (list, "
+                "show, verify, pull) works as is.")
+        assert ro.gc(dry_run=True).blobs == []
+        assert tree(root) == before, "reading a read-only registry changed it"

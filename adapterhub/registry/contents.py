@@ -55,7 +55,9 @@ _README = re.compile(r"readme(\.(md|txt|rst))?", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class LeftOut:
-    """A file (or a whole directory, path ending in ``/``) a push did not store, and why."""
+    """A file (or a whole directory, path ending in ``/``) a push did not store, and why: ``not an adapter
+    file``, ``pickle``, ``hidden``, ``directory of N file(s)``, ``linked directory, not followed`` or
+    ``not a regular file``."""
 
     path: str
     reason: str
@@ -103,7 +105,7 @@ def select_files(directory: str | Path, fmt: str, *, include: tuple[str, ...] | 
     for rel, kind in _entries(root):
         named = any(fnmatchcase(rel, g) for g in include)
         if kind == "dirlink":
-            left.append(LeftOut(rel + "/", "a linked directory (not followed)"))
+            left.append(LeftOut(rel + "/", "linked directory, not followed"))
             continue
         if kind == "hiddendir":
             left.append(LeftOut(rel + "/", "hidden"))
@@ -126,11 +128,10 @@ def select_files(directory: str | Path, fmt: str, *, include: tuple[str, ...] | 
                     f"{root / rel} matches --include but is a pickle; pickles can run arbitrary code when "
                     "loaded, so push stores them only when asked.\n  fix: pass --allow-pickle as well if you "
                     "trust the file (Python: allow_pickle=True).", path=root / rel)
-            left.append(LeftOut(rel, "a pickle (pass --allow-pickle to store it)"))
+            left.append(LeftOut(rel, "pickle"))
             continue
         if not wanted:
-            left.append(LeftOut(rel, "hidden" if hidden else "not part of an adapter directory "
-                                                             "(--include GLOB stores it)"))
+            left.append(LeftOut(rel, "hidden" if hidden else "pickle" if is_pickle(rel) else "not an adapter file"))
             continue
         confined(root / rel, root)
         files.append(rel)
@@ -178,5 +179,5 @@ def _fold_dirs(left: list[LeftOut], stored: list[str]) -> list[LeftOut]:
         else:
             out.append(item)
     for top, n in folded.items():
-        out.append(LeftOut(f"{top}/", f"a directory of {n} file(s) (--include '{top}/*' stores them)"))
+        out.append(LeftOut(f"{top}/", f"directory of {n} file(s)"))
     return sorted(out, key=lambda x: x.path)

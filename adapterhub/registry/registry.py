@@ -338,7 +338,9 @@ class Registry:
             try:
                 rows.append(row_from_manifest(name, v, d, self._manifest(d, f"{name}@{v}")))
             except IntegrityError as e:
-                damaged.append(DamagedVersion(name, v, d, str(e).splitlines()[0]))
+                state = ("missing" if not self.store.blob_path(d).exists() else
+                         "corrupt (sha256 mismatch)" if e.actual else "not a valid manifest")
+                damaged.append(DamagedVersion(name, v, d, f"its manifest blob {d[:19]}... is {state}"))
         return rows, damaged
 
     def _rebuild(self, idx: Index) -> None:
