@@ -227,9 +227,11 @@ class Registry:
         marker = self.root / "registry.json"
         with os_errors(f"creating the registry at {self.root}"):
             if marker.is_file():
+                from adapterhub import _json
+
                 try:
-                    doc = json.loads(marker.read_text())
-                except json.JSONDecodeError as e:
+                    doc = _json.loads(marker.read_bytes())
+                except (ValueError, UnicodeDecodeError) as e:
                     raise RegistryError(f"{marker} is damaged ({e}).\n  fix: restore it: "
                                         f'{{"format": "{FORMAT_NAME}", "version": {FORMAT_VERSION}}}') from e
                 if not isinstance(doc, dict) or (doc.get("format"), doc.get("version")) != (FORMAT_NAME,
