@@ -1111,6 +1111,25 @@ def test_one_damaged_manifest_never_blocks_the_rest(how, tmp_path):
     assert fresh.verify().orphans == []
 
 
+def test_a_version_file_that_holds_no_digest_is_a_damaged_version_not_a_path(tmp_path):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.push(MINILM_LORA, "a")
+    versions = root / "refs" / "_" / "b" / "versions"
+    versions.mkdir(parents=True)
+    (versions / "1").write_text("../../../../etc/passwd\n")
+    fresh = Registry(root)
+    fresh.reindex()
+    [damaged] = fresh.damaged()
+    assert damaged.ref == "b@1"
+    assert damaged.problem == "its version file holds '../../../../etc/passwd', not a manifest digest"
+    with pytest.raises(IntegrityError, match="not a manifest digest"):
+        fresh.show("b")
+    assert not fresh.verify().ok
+    fresh.rm("b@1")
+    assert fresh.verify().ok and [v.ref for v in fresh.list()] == ["a@1"]
+
+
 def test_a_corrupt_blob_is_repaired_by_the_printed_fix(tmp_path):
     """The message says "re-push the adapter": doing exactly that repairs the stored blob in place."""
     src = tmp_path / "src"

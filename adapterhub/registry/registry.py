@@ -28,16 +28,21 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from adapterhub.adapter import Adapter, BaseModelRef
+from adapterhub import _json
+from adapterhub.adapter import Adapter, BaseModelRef, summarize
 from adapterhub.errors import (
+    AdapterHubError,
     AmbiguousReferenceError,
     IntegrityError,
     InvalidReferenceError,
@@ -68,6 +73,7 @@ ENV_VAR = "ADAPTERHUB_REGISTRY"
 DEFAULT_TEMP_GRACE = 3600.0
 #: formats ``pull`` may write
 PULL_FORMATS = ("peft", "adapters", "adapterhub")
+_FULL_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _FORMAT_NAMES = {"peft": "PEFT", "adapters": "`adapters` library", "adapterhub": "adapterhub"}
 Progress = Callable[[int], None]
 
@@ -227,8 +233,6 @@ class Registry:
         marker = self.root / "registry.json"
         with os_errors(f"creating the registry at {self.root}"):
             if marker.is_file():
-                from adapterhub import _json
-
                 try:
                     doc = _json.loads(marker.read_bytes())
                 except (ValueError, UnicodeDecodeError) as e:
@@ -340,9 +344,13 @@ class Registry:
             try:
                 rows.append(row_from_manifest(name, v, d, self._manifest(d, f"{name}@{v}")))
             except IntegrityError as e:
-                state = ("missing" if not self.store.blob_path(d).exists() else
-                         "corrupt (sha256 mismatch)" if e.actual else "not a valid manifest")
-                damaged.append(DamagedVersion(name, v, d, f"its manifest blob {d[:19]}... is {state}"))
+                if not _FULL_DIGEST.fullmatch(d):
+                    problem = f"its version file holds {d[:40]!r}, not a manifest digest"
+                else:
+                    state = ("missing" if not self.store.blob_path(d).exists() else
+                             "corrupt (sha256 mismatch)" if e.actual else "not a valid manifest")
+                    problem = f"its manifest blob {d[:19]}... is {state}"
+                damaged.append(DamagedVersion(name, v, d, problem))
         return rows, damaged
 
     def _rebuild(self, idx: Index) -> None:
@@ -436,13 +444,14 @@ class Registry:
         Raises:
             IntegrityError: missing, corrupt, not JSON or not a manifest; the fix names ``rm``.
         """
-        from adapterhub import _json
-
-        path = self.store.blob_path(digest)
         of = f" of '{ref}'" if ref else ""
         fix = (f"  fix: `adapterhub rm {ref}` removes the damaged version (push the adapter again to store it "
                "anew); `adapterhub verify` lists every damaged version.") if ref else \
             "  fix: `adapterhub verify` lists every damaged version; `adapterhub rm NAME@VERSION` removes one."
+        if not _FULL_DIGEST.fullmatch(digest):  # a hand-edited ref: never let it name a path
+            raise IntegrityError(f"the version file{of} holds {digest[:80]!r}, not a manifest digest.\n{fix}",
+                                 expected=digest)
+        path = self.store.blob_path(digest)
         try:
             data = path.read_bytes()
         except (FileNotFoundError, NotADirectoryError) as e:
@@ -519,9 +528,6 @@ class Registry:
         """Manifest plus where it lives (digest, the tags that point at it now) and ``adapter``: what
         ``inspect`` says about the stored adapter (r, alpha, targets, ...), read from the stored
         weights' headers (``adapter_error`` says why when they cannot be read)."""
-        from adapterhub.adapter import summarize
-        from adapterhub.errors import AdapterHubError
-
         res = self.resolve(ref)
         manifest = self._manifest(res.digest, res.ref)
         tags = sorted(t for t, v in self._tags(res.name, self._versions(res.name)).items() if v == res.version)
@@ -610,8 +616,6 @@ class Registry:
                 result = self._commit(name, version, content, adapter, tags=list(tags),
                                       description=description, metrics=metrics or {}, parents=list(parents),
                                       recipe=recipe, allow_duplicate=allow_duplicate)
-                from dataclasses import replace
-
                 return replace(result, left_out=selection.left_out, repaired=tuple(repaired))
             finally:
                 if staging is not None:
@@ -621,7 +625,8 @@ class Registry:
         """An existing blob may be used as is when its stat stamp equals the one recorded when it was
         last hashed (any write, chmod or replacement changes the stamp)."""
         stamp = self._stat_stamp(digest)
-        return stamp is not None and self.index.stamped(digest) == stamp
+        index = self._index if self._index is not None else self.index
+        return stamp is not None and index.stamped(digest) == stamp
 
     def _store_files(self, src_dir: Path, rels: Sequence[str],
                      progress: Progress | None) -> tuple[list[dict[str, Any]], list[str]]:
@@ -817,8 +822,6 @@ class Registry:
             os.symlink(os.path.relpath(blob, dest.parent) if relative else blob, dest)
 
     def _private_snapshot(self, digest: str, manifest: dict[str, Any]) -> Path:
-        import tempfile
-
         cache = self.__dict__.setdefault("_private_snapshots", {})
         if digest in cache and cache[digest].is_dir():
             return cache[digest]
@@ -956,8 +959,6 @@ class Registry:
         return plan if dry_run else plan.execute()
 
     def _gc_plan(self, temp_grace: float) -> GcPlan:
-        import time
-
         keep, _ = self._referenced()
         plan = GcPlan(self, temp_grace=temp_grace)
         for digest in self.store.list_blobs():
@@ -988,8 +989,6 @@ class Registry:
             return False
 
     def _gc_execute(self, plan: GcPlan) -> GcResult:
-        import time
-
         result = GcResult()
         with self._lock("gc.lock", exclusive=True):
             keep, _ = self._referenced()  # re-check: a push may have referenced a blob since planning

@@ -417,7 +417,6 @@ class LocalStore:
         return sorted(p.name for p in d.iterdir() if not p.name.startswith("."))
 
 
-
 def entry_size(path: Path) -> int:
     """Bytes held by a file, or by the files below a directory (links not followed)."""
     try:
