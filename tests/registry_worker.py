@@ -9,9 +9,11 @@ Modes:
         pick a name, every other push change a few bytes of the weights (so that some pushes store a
         new blob and others deduplicate), print ``START name``, push, print
         ``DONE name@version sha256:...``. Only ever stopped by SIGKILL.
-    race REGISTRY SRC GO_FILE PROC N NAME
+    race REGISTRY SRC GO_FILE PROC N NAME [same]
         Open the registry, print ``READY``, wait for GO_FILE to exist, then push SRC to NAME N times
-        (description ``PROC-i``), printing ``DONE name@version sha256:... PROC i`` after each.
+        (description ``PROC-i``), printing ``DONE name@version sha256:... PROC i`` after each. Every
+        push makes a new version (``allow_duplicate``), unless ``same`` is given: then identical
+        content is not pushed twice.
     gc-loop REGISTRY GO_FILE STOP_FILE
         After GO_FILE exists, run ``gc()`` (default grace for staging files) until STOP_FILE exists;
         print ``GC n`` with the number of runs. Any exception exits non-zero.
@@ -87,12 +89,12 @@ def push_loop(registry: str, template: str, workdir: str, seed: int, names: list
         i += 1
 
 
-def race(registry: str, src: str, go: str, proc: str, n: int, name: str) -> None:
+def race(registry: str, src: str, go: str, proc: str, n: int, name: str, same: bool = False) -> None:
     reg = Registry(registry)
     say("READY")
     wait_for(Path(go))
     for i in range(n):
-        res = reg.push(src, name, description=f"{proc}-{i}", allow_duplicate=True)
+        res = reg.push(src, name, description=f"{proc}-{i}", allow_duplicate=not same)
         say(f"DONE {res.name}@{res.version} {res.digest} {proc} {i}")
 
 
@@ -167,7 +169,7 @@ def main(argv: list[str]) -> None:
     if mode == "push-loop":
         push_loop(args[0], args[1], args[2], int(args[3]), args[4:])
     elif mode == "race":
-        race(args[0], args[1], args[2], args[3], int(args[4]), args[5])
+        race(args[0], args[1], args[2], args[3], int(args[4]), args[5], args[6:] == ["same"])
     elif mode == "gc-loop":
         gc_loop(*args)
     elif mode == "op":

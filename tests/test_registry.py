@@ -951,6 +951,25 @@ def test_concurrent_pushes_lose_nothing_and_never_share_a_version(tmp_path):
           f"gc runs alongside: {gc_out.split()[-1]}")
 
 
+def test_concurrent_pushes_of_identical_content_make_one_version(tmp_path):
+    root = tmp_path / "reg"
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, str(WORKER), "race", str(root), str(LLAMA_LORA), str(go), str(i), "5",
+                               "dup/x", "same"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(4)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "READY", p.stderr.read()
+    go.touch()
+    refs = set()
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+        refs |= {tuple(line.split()[1:3]) for line in out.splitlines()}
+    assert len(refs) == 1 and next(iter(refs))[0] == "dup/x@1", refs
+    assert set(disk_refs(root)) == {("dup/x", "1")}
+    assert Registry(root).verify().ok
+
+
 # --- 9. permissions and a full disk --------------------------------------------------------------
 
 
