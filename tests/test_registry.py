@@ -38,7 +38,7 @@ from adapterhub.errors import (
 )
 from adapterhub.formats import detect, read_adapter
 from adapterhub.registry import Registry
-from adapterhub.registry.registry import canonical_json
+from adapterhub.registry.registry import PullFormat, canonical_json
 
 WORKER = Path(__file__).with_name("registry_worker.py")
 LLAMA_BASE = ADAPTERS_LIB / "tiny_llama_base"
@@ -1496,16 +1496,24 @@ def test_pull_format_defaults_to_peft_where_peft_can_express_the_adapter(tmp_pat
             assert torch.equal(peft_outputs(llama_base, out, ids), peft_outputs(llama_base, src, ids))
     assert reg.pull_format("blend-lora", "adapterhub").format == "adapterhub"
     assert reg.pull_format("blend-lora", None).format == "adapterhub", "the Python default stays the stored format"
+    # what a user pushed in PEFT's or the `adapters` library's format comes back as pushed
     reg.push(ADAPTERS_LIB / "minilm_seq_bn", "bn")
-    reg.push(ADAPTERS_LIB / "llama_prefix_tuning_flat_safetensors", "flat")
-    bn = reg.pull_format("bn", "auto")
-    assert (bn.format, bn.note) == ("adapters", "PEFT has no bottleneck adapters: written in the stored "
-                                                "`adapters` library format")
-    flat = reg.pull_format("flat", "auto")
-    assert flat.format == "adapters"
-    assert flat.note == ("this prefix is in the `adapters` library's 'adapters_flat' layout, which needs the base "
-                         "model to convert (adapterhub convert DIR --format peft --base BASE_DIR): written in the "
-                         "stored `adapters` library format")
+    reg.push(MINILM_LORA, "adapters-lora")
+    reg.push(sources["ia3"], "peft-ia3")
+    assert reg.pull_format("bn", "auto") == PullFormat("adapters", "adapters")
+    assert reg.pull_format("adapters-lora", "auto") == PullFormat("adapters", "adapters")
+    assert reg.pull_format("peft-ia3", "auto") == PullFormat("peft", "peft")
+    # adapterhub's own format that PEFT cannot express stays as stored, saying why
+    reg.push(read_adapter(ADAPTERS_LIB / "minilm_seq_bn"), "native-bn")
+    reg.push(read_adapter(ADAPTERS_LIB / "llama_prefix_tuning_flat_safetensors"), "native-flat")
+    bn = reg.pull_format("native-bn", "auto")
+    assert (bn.format, bn.note) == ("adapterhub", "PEFT has no bottleneck adapters: written in the stored "
+                                                  "adapterhub format; --format adapters writes it for the `adapters` "
+                                                  "library")
+    flat = reg.pull_format("native-flat", "auto")
+    assert flat.format == "adapterhub"
+    assert flat.note.startswith("this prefix is in the `adapters` library's 'adapters_flat' layout, which needs the "
+                                "base model to convert")
 
 
 def test_show_says_what_the_stored_adapter_is(tmp_path):

@@ -851,9 +851,10 @@ class Registry:
                                name=adapter.name or res.name)
 
     def pull_format(self, ref: str | Ref, format: str | None = "auto") -> PullFormat:
-        """The format ``pull`` writes for ``format``: None is the stored format; ``"auto"`` is PEFT
-        wherever PEFT can express the adapter (LoRA, IA3, prefix tuning in PEFT's layout, blends
-        included), else the stored format, with a ``note`` saying what happened."""
+        """The format ``pull`` writes for ``format``: None is the stored format; ``"auto"`` keeps a
+        PEFT or `adapters`-library version as pushed and writes adapterhub's own format (blends) as PEFT
+        wherever PEFT can express it (LoRA, IA3, prefix tuning in PEFT's layout), else as stored, with a
+        ``note`` saying what happened."""
         manifest = self.manifest(ref)
         stored = manifest["format"]
         if format is None:
@@ -862,6 +863,8 @@ class Registry:
             if format not in PULL_FORMATS:
                 raise InvalidReferenceError(f"unknown format {format!r}; choose auto, {', '.join(PULL_FORMATS)}.")
             return PullFormat(format, stored)
+        if stored != "adapterhub":  # what the user pushed (PEFT or the `adapters` library's format) comes back as is
+            return PullFormat(stored, stored)
         kind = manifest.get("kind")
         layout = (manifest.get("spec") or {}).get("layout", "peft")
         if kind in ("lora", "ia3") or (kind == "prefix" and layout == "peft"):
