@@ -11,17 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub.errors import AdapterHubError
+from adapterhub.errors import RecipeError
 
 if TYPE_CHECKING:
     from adapterhub.adapter import Adapter
     from adapterhub.registry import Registry
 
 RECIPE_SCHEMA = "adapterhub.recipe.v1"
-
-
-class RecipeError(AdapterHubError, ValueError):
-    """A recipe file is malformed or names sources that cannot be found."""
 
 
 @dataclass
@@ -39,9 +35,19 @@ class Recipe:
                 "options": self.options, "seed": self.seed}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return path
+        """Write the recipe as JSON (atomically; the path is checked by the output guard first).
+
+        Raises:
+            OutputPathError: the folder is missing, ``path`` is a directory, a source or inside the registry.
+            StorageError: the file system refused the write.
+        """
+        from adapterhub.paths import write_text_file
+
+        return write_text_file(path, self.text(), what="recipe")
+
+    def text(self) -> str:
+        """The recipe as the JSON text :meth:`save` writes."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> Recipe:
@@ -64,9 +70,15 @@ class Recipe:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as e:
-            raise RecipeError(f"recipe {path} does not exist.") from e
-        except json.JSONDecodeError as e:
-            raise RecipeError(f"recipe {path} is not valid JSON ({e}).") from e
+            raise RecipeError(f"recipe {path} does not exist.\n  fix: check the path.") from e
+        except IsADirectoryError as e:
+            raise RecipeError(f"recipe {path} is a directory; a recipe is a .json file (blend --save-recipe "
+                              "writes one).") from e
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RecipeError(f"recipe {path} is not valid JSON text ({e}).\n  fix: pass a file written by "
+                              "`adapterhub blend --save-recipe`.") from e
+        except RecursionError as e:
+            raise RecipeError(f"recipe {path} is nested too deeply to be a recipe.") from e
         if not isinstance(data, dict):
             raise RecipeError(f"recipe {path} must hold a JSON object.")
         return cls.from_dict(data, str(path))
@@ -79,25 +91,6 @@ def directory_digest(path: Path) -> str:
         fh = hashlib.sha256(p.read_bytes()).hexdigest()
         h.update(f"{p.relative_to(path).as_posix()}\0{fh}\n".encode())
     return f"sha256:{h.hexdigest()}"
-
-
-def load_sources(specs: list[str], registry: Registry | None, *, allow_pickle: bool = False
-                 ) -> tuple[list[Adapter], list[dict[str, str]]]:
-    """Adapters for source strings (an existing directory, else a registry reference), with pinned sources."""
-    from adapterhub.formats import read_adapter
-
-    adapters, pinned = [], []
-    for spec in specs:
-        if Path(spec).is_dir():
-            adapters.append(read_adapter(spec, allow_pickle=allow_pickle))
-            pinned.append({"path": spec, "digest": directory_digest(Path(spec))})
-        else:
-            if registry is None:
-                raise RecipeError(f"{spec!r} is no directory and no registry is available to resolve it.")
-            res = registry.resolve(spec)
-            adapters.append(registry.load(f"{res.name}@{res.digest}", allow_pickle=allow_pickle))
-            pinned.append({"ref": res.ref, "digest": res.digest})
-    return adapters, pinned
 
 
 def run_recipe(recipe: Recipe, registry: Registry | None, *, allow_pickle: bool = False) -> Adapter:
@@ -122,7 +115,7 @@ def run_recipe(recipe: Recipe, registry: Registry | None, *, allow_pickle: bool 
     from adapterhub.compose.blend import METHODS
 
     options = dict(recipe.options)
-    if recipe.seed is not None and recipe.method in METHODS and "seed" in METHODS[recipe.method].options:
+    if recipe.seed is not None and recipe.method in METHODS and "seed" in METHODS[recipe.method].option_names:
         options["seed"] = recipe.seed
     labels = [s.get("ref") or s["path"] for s in recipe.sources]
     return blend(adapters, recipe.weights, recipe.method, labels=labels, **options)

@@ -669,5 +669,5 @@ def test_cli_blend_reports_incompatible_inputs(registry_cli, dirs, tmp_path):
     r = registry_cli("blend", dirs["c4"], dirs["ia3_a"], "-o", tmp_path / "out")
     assert r.exit_code == 1 and "error[kind-mismatch]" in r.output
     r = registry_cli("blend", dirs["c4"], dirs["d4"], "--method", "nope", "-o", tmp_path / "out")
-    assert r.exit_code == 1 and "choose one of" in r.output
+    assert r.exit_code == 2 and "'nope' is not one of 'linear', 'cat', 'svd'" in r.output  # a usage error
     assert not (tmp_path / "out").exists()
