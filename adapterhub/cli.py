@@ -8,6 +8,7 @@ imported inside commands so ``adapterhub --help`` is instant.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from click.utils import PacifyFlushWrapper
 
 from adapterhub import errors
 from adapterhub.compose.blend import METHODS, all_options
@@ -108,9 +108,9 @@ class AdapterHubGroup(click.Group):
         except click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
-        except BrokenPipeError:  # e.g. `adapterhub list | head -1`: stop quietly, as click does
-            sys.stdout = PacifyFlushWrapper(sys.stdout)
-            sys.stderr = PacifyFlushWrapper(sys.stderr)
+        except BrokenPipeError:  # e.g. `adapterhub list | head -1`: stop quietly (Python's documented recipe)
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(EXIT_FAILED)
         except BaseException as e:
             if _debug() and not isinstance(e, KeyboardInterrupt | click.Abort):
@@ -154,9 +154,9 @@ def method_options(f: Callable[..., Any]) -> Callable[..., Any]:
     help, default and the methods that take it; the command receives them as keyword arguments."""
     for name, (opt, takers) in reversed(list(all_options().items())):
         kind = click.Choice(list(opt.choices)) if opt.choices else opt.type
-        default = "" if opt.default is None else f"; default {opt.default}"
         f = click.option(f"--{name.replace('_', '-')}", name, type=kind, default=None,
-                         help=f"{opt.help[0].upper()}{opt.help[1:]} ({', '.join(takers)}{default}).")(f)
+                         help=f"{opt.help[0].upper()}{opt.help[1:]}; default {opt.default_text}. "
+                              f"Methods: {', '.join(takers)}.")(f)
     return f
 
 
@@ -607,7 +607,10 @@ def export_(reg: _LazyRegistry, sources: tuple[str, ...], base_dir: str, output:
     options = _given_method_options(kwargs)
     if options and method is None:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in options)
-        raise click.UsageError(f"{flags} only apply to a blend: add --method (e.g. --method svd), or drop them")
+        verb = "applies" if len(options) == 1 else "apply"
+        raise click.UsageError(f"{flags} {verb} only to a blend: add --method (e.g. --method svd), or drop "
+                               f"{'it' if len(options) == 1 else 'them'} (without --method every source is "
+                               "folded with its weight)")
     result = export_sources(list(sources), base_dir, output, method=method, options=options, registry=reg.get,
                             allow_pickle=allow_pickle, overwrite=force, max_shard_size=max_shard_size, dtype=dtype,
                             keep_unmerged=keep_unmerged)

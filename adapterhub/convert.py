@@ -45,7 +45,7 @@ def convert_adapter(src: str | Path, out: str | Path, *, format: str = "peft", b
         UnsupportedAdapterError: the target format cannot hold this adapter exactly.
         OutputPathError, FormatError, StorageError: ``out`` cannot be written (nothing was).
     """
-    with reading(src, base):
+    with reading(src), reading(base, role="the base model this command reads"):
         check_directory_target(out, overwrite=overwrite)
         return _convert(src, out, format=format, base=base, overwrite=overwrite, allow_pickle=allow_pickle)
 

@@ -93,6 +93,14 @@ class ExportError(AdapterHubError, ValueError):
     """An export could not be done; nothing was written at the target."""
 
 
+class Aborted(AdapterHubError):
+    """Internal: another thread of the same streaming pipeline failed, so this one stops; the first
+    thread's error is the one raised to the caller."""
+
+    def __init__(self, message: str = "stopped because another part of the same operation failed.") -> None:
+        super().__init__(message)
+
+
 # --- registry --------------------------------------------------------------------------------------
 
 

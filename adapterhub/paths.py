@@ -81,11 +81,16 @@ def check_output(target: str | Path, *, replace: bool = False, reads: tuple[str 
     protected += [(_resolved(_absolute(p)), "a source this command reads") for p in reads]
     for t in {lexical, real}:
         for p, role in protected:
-            relation = "is" if t == p else "contains" if _inside(p, t) else "lies inside" if _inside(t, p) else None
-            if relation:
-                raise OutputPathError(
-                    f"{given} {relation} {role} ({p}); writing there could destroy it.\n"
-                    f"  fix: choose an output path outside {p}.", path=lexical)
+            if t == p:
+                what, fix = role, "choose a new output path"
+            elif _inside(p, t):
+                what, fix = f"contains {role} ({p})", f"choose an output path that does not contain {p}"
+            elif _inside(t, p):
+                what, fix = f"lies inside {role} ({p})", f"choose an output path outside {p}"
+            else:
+                continue
+            what = f"is {what}" if t == p else what
+            raise OutputPathError(f"{given} {what}; writing there could destroy it.\n  fix: {fix}.", path=lexical)
         registry = _registry_at_or_above(t)
         if registry is not None and not _inside(t, registry / STAGING):  # the registry's own staging writes
             relation = "is" if registry == t else "lies inside"

@@ -267,7 +267,8 @@ def export_sources(sources: Sequence[str], base: str | Path, out: str | Path, *,
             options["seed"] = seed
     paths = [Path(s).expanduser() for s in specs if looks_like_path(s)]
     with ExitStack() as stack:
-        stack.enter_context(reading(base, *paths))
+        stack.enter_context(reading(base, role="the base model this command reads"))
+        stack.enter_context(reading(*paths))
         check_directory_target(out, overwrite=overwrite)
         reg = _Registry(registry)
         opened = [_open(s, reg, allow_pickle=allow_pickle, recipes=True) for s in specs]

@@ -52,6 +52,12 @@ class Option:
     default: Any
     help: str
     choices: tuple[str, ...] = ()
+    #: what the default is when ``default`` is None (computed from the inputs)
+    default_help: str = ""
+
+    @property
+    def default_text(self) -> str:
+        return self.default_help if self.default is None else str(self.default)
 
     def coerce(self, value: Any, method: str) -> Any:
         """``value`` checked against the type and choices (an int is a valid float, a bool is no number).
@@ -74,12 +80,11 @@ class Option:
         return value
 
 
-RANK = Option("rank", int, None, "target rank of every module (default: the largest input rank)")
+RANK = Option("rank", int, None, "target rank of every module", default_help="the largest input rank")
 DENSITY = Option("density", float, 0.5, "fraction of each delta's values kept, in (0, 1]")
-SEED = Option("seed", int, 0, "seed of the random drops of dare_* (the same seed gives the same result)")
-MAJORITY_SIGN = Option("majority_sign_method", str, "total", "how ties/dare_ties elect each value's sign: "
-                       "total (sign of the weighted sum) or frequency (the more frequent sign)",
-                       choices=("total", "frequency"))
+SEED = Option("seed", int, 0, "seed of the random drops (the same seed gives the same result)")
+MAJORITY_SIGN = Option("majority_sign_method", str, "total", "how each value's sign is elected: total (sign of "
+                       "the weighted sum) or frequency (the more frequent sign)", choices=("total", "frequency"))
 
 
 @dataclass(frozen=True)
@@ -400,12 +405,14 @@ def _dense_method(name: str) -> Callable[..., Adapter]:
     return run
 
 
-for _name, _summary in (("ties", "TIES merging on dense deltas, re-factored to rank k"),
-                        ("dare_linear", "DARE (random drop + rescale) then weighted sum, rank k; seeded"),
-                        ("dare_ties", "DARE then TIES sign election, rank k; seeded"),
-                        ("magnitude_prune", "magnitude pruning then weighted sum, rank k")):
-    method(_name, kinds=["lora"], options=(RANK, DENSITY, SEED, MAJORITY_SIGN),
-           summary=_summary)(_dense_method(_name))
+# each preset takes exactly the options it uses: a seed only where values are dropped at random, a
+# sign election method only where signs are elected
+for _name, _options, _summary in (
+        ("ties", (RANK, DENSITY, MAJORITY_SIGN), "TIES merging on dense deltas, re-factored to rank k"),
+        ("dare_linear", (RANK, DENSITY, SEED), "DARE (random drop + rescale) then weighted sum, rank k; seeded"),
+        ("dare_ties", (RANK, DENSITY, SEED, MAJORITY_SIGN), "DARE then TIES sign election, rank k; seeded"),
+        ("magnitude_prune", (RANK, DENSITY), "magnitude pruning then weighted sum, rank k")):
+    method(_name, kinds=["lora"], options=_options, summary=_summary)(_dense_method(_name))
 
 
 # --- other kinds -----------------------------------------------------------------------------------
