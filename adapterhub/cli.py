@@ -85,6 +85,8 @@ def render_error(exc: BaseException) -> tuple[int, str]:
         code, fix = OS_ERRORS.get(exc.errno or 0, (EXIT_FAILED, "check the path and the file system"))
         where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
         return code, f"error: {exc.strerror or exc}{': ' + where if where else ''}.\n  fix: {fix}."
+    if isinstance(exc, ValueError) and "null byte" in str(exc):  # Python refuses NUL in any path it is given
+        return EXIT_USAGE, "error: a path or name contains a NUL byte.\n  fix: remove it."
     if isinstance(exc, MemoryError):
         return EXIT_FAILED, ("error: out of memory.\n  fix: free memory, or work on fewer or smaller adapters "
                              "at once.")

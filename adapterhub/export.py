@@ -51,7 +51,8 @@ def parse_size(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
     if not m:
-        raise ExportError(f"cannot read size {text!r}; use e.g. 5GB, 500MB, 2GiB.")
+        raise ExportError(f"cannot read the size {text!r}.\n  fix: write a number with a unit, e.g. 5GB, 500MB, "
+                          "2GiB.")
     unit = (m.group(2) or "B").upper()
     base = 1024 if "I" in unit else 1000
     power = "BKMGT".index(unit[0]) if unit[0] in "KMGT" else 0
@@ -140,7 +141,8 @@ def export_merged(base_dir: str | Path, adapters: Sequence[Adapter], out: str | 
     if dtype is not None:
         out_dtype = DTYPE_NAMES.get(dtype.lower())
         if out_dtype is None:
-            raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(sorted(DTYPE_NAMES))}.")
+            raise ExportError(f"unknown dtype {dtype!r}.\n  fix: choose one of {', '.join(sorted(DTYPE_NAMES))} "
+                              "(or leave it out to keep the base's).")
     names = list(base.tensors)  # base order: shard by shard as the base is laid out
     entries = []
     for n in names:

@@ -48,6 +48,13 @@ def reading(*paths: str | Path | None, role: str = "a source this command reads"
         _GUARDED.reset(token)
 
 
+def shown(path: str | Path) -> str:
+    """A path as a message shows it: as written, or quoted with escapes if it holds control characters
+    (a newline in a name must not split the message)."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 def guarded() -> tuple[tuple[Path, str], ...]:
     """The paths :func:`reading` blocks currently protect, with their roles."""
     return _GUARDED.get()
@@ -64,8 +71,8 @@ def check_output(target: str | Path, *, replace: bool = False, reads: tuple[str 
     Raises:
         OutputPathError: what the target is, contains or lies inside, and what to do instead.
     """
-    given = str(target)
-    if given == "" or "\0" in given:
+    given = shown(target)
+    if str(target) == "" or "\0" in str(target):
         raise OutputPathError(f"{given!r} is not a usable output path.\n  fix: name a new folder, e.g. ./out.",
                               path=None)
     lexical = _absolute(target)

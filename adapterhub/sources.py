@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import BlendError, BlendOptionError, MissingFileError, RecipeError
-from adapterhub.paths import pending_text_file, probe_directory, reading
+from adapterhub.paths import pending_text_file, probe_directory, reading, shown
 from adapterhub.recipe import Recipe, directory_digest, run_recipe
 
 if TYPE_CHECKING:
@@ -53,7 +53,8 @@ def parse_weighted(spec: str) -> tuple[str, float]:
     if not src:
         raise BlendError(f"{spec!r} names no source before '='.\n  fix: write SRC=WEIGHT, e.g. team/a=0.5.")
     if not math.isfinite(weight):
-        raise BlendError(f"{spec!r}: the weight must be a finite number, not {text!r}.")
+        raise BlendError(f"{spec!r}: the weight must be a finite number, not {text!r}.\n  fix: write SRC=WEIGHT "
+                         f"with a number, e.g. {src}=0.5.")
     return src, weight
 
 
@@ -101,7 +102,7 @@ def _open(spec: str, registry: _Registry, *, allow_pickle: bool, recipes: bool =
         return Source(spec, adapter, {"recipe": recipe.to_dict()}, path)
     if looks_like_path(spec):
         if not os.path.lexists(path):
-            raise MissingFileError(f"{spec} does not exist.\n  fix: check the path; a registry reference is "
+            raise MissingFileError(f"{shown(spec)} does not exist.\n  fix: check the path; a registry reference is "
                                    "written NAME[@VERSION], e.g. team/sentiment@2.", path=path)
         adapter = read_adapter(path, allow_pickle=allow_pickle)
         return Source(spec, adapter, {"path": spec, "digest": directory_digest(path)}, path)
@@ -153,7 +154,8 @@ def _method_options(method: str, options: dict[str, Any]) -> tuple[dict[str, Any
     from adapterhub.compose.blend import METHODS
 
     if method not in METHODS:
-        raise BlendOptionError(f"unknown blend method {method!r}; choose one of: {', '.join(METHODS)}.")
+        raise BlendOptionError(f"unknown blend method {method!r}; choose one of: {', '.join(sorted(METHODS))}.\n"
+                               "  fix: pick one of them (the README's blend table says what each does).")
     options = METHODS[method].validate(dict(options))
     seed = options.pop("seed", None)
     return options, seed
@@ -187,7 +189,11 @@ def blend_sources(sources: Sequence[str] = (), weights: Sequence[float] | None =
     if recipe is None:
         weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
         if len(weights) != len(sources):
-            raise BlendError(f"{len(weights)} weight(s) for {len(sources)} source(s); give one weight per source.")
+            raise BlendError(f"{len(weights)} weight(s) for {len(sources)} source(s).\n  fix: give one weight per "
+                             "source.")
+        if not all(math.isfinite(w) for w in weights):
+            raise BlendError(f"weights must be finite numbers, not {weights}.\n  fix: give numbers such as 0.7,0.3 "
+                             "(a negative weight negates a task).")
         opts, seed = _method_options(method, options or {})
         paths = [Path(s).expanduser() for s in sources if looks_like_path(s)]
     else:

@@ -364,7 +364,7 @@ def test_dense_method_options_are_checked(ads):
             blend(adapters, [1, 1], "ties", density=bad)
     with pytest.raises(BlendError, match="majority_sign_method"):
         blend(adapters, [1, 1], "ties", majority_sign_method="median")
-    with pytest.raises(BlendError, match="rank must be >= 1"):
+    with pytest.raises(BlendError, match="option rank of blend method 'svd' is 0, out of range"):
         blend(adapters, [1, 1], "svd", rank=0)
 
 

@@ -203,7 +203,8 @@ def test_debug_variable_shows_the_traceback(tmp_path):
     assert "adapterhub.errors.MissingFileError" in shown.stderr
     env.pop("ADAPTERHUB_DEBUG")
     plain = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert (plain.returncode, plain.stderr) == (2, f"error: {tmp_path / 'missing'} does not exist.\n")
+    assert (plain.returncode, plain.stderr) == (2, f"error: {tmp_path / 'missing'} does not exist.\n  fix: check the "
+                                                   "path (an adapter is a directory holding adapter_config.json).\n")
 
 
 def test_ctrl_c_exits_130_with_one_line(tmp_path):
@@ -284,7 +285,7 @@ def test_method_options_are_refused_where_they_do_not_apply(tmp_path):
                                   "method": "svd", "options": {"rank": "16"}}))
     r = run("blend", "--recipe", recipe, "-o", tmp_path / "o")
     assert (r.exit_code, r.output) == (2, "error: option rank of blend method 'svd' must be an integer, not '16'.\n"
-                                          "  fix: rank: target rank of every module.\n")
+                                          "  fix: rank: target rank of every module, at least 1.\n")
     r = run("blend", "--recipe", recipe, "--method", "svd", "-o", tmp_path / "o")
     assert r.exit_code == 2 and "--recipe fixes weights, method and options" in r.output
     assert not (tmp_path / "o").exists()

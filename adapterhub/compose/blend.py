@@ -54,6 +54,10 @@ class Option:
     choices: tuple[str, ...] = ()
     #: what the default is when ``default`` is None (computed from the inputs)
     default_help: str = ""
+    #: the valid range of a number: ``minimum`` (excluded if ``exclusive_minimum``) to ``maximum``
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
 
     @property
     def default_text(self) -> str:
@@ -76,12 +80,18 @@ class Option:
             raise BlendOptionError(f"option {self.name} of blend method {method!r} must be finite, not {value!r}.")
         if self.choices and value not in self.choices:
             raise BlendOptionError(f"option {self.name} of blend method {method!r} must be one of "
-                                   f"{', '.join(self.choices)}, not {value!r}.")
+                                   f"{', '.join(self.choices)}, not {value!r}.\n  fix: {self.name}: {self.help}.")
+        low = self.minimum is not None and (value <= self.minimum if self.exclusive_minimum else value < self.minimum)
+        if low or (self.maximum is not None and value > self.maximum):
+            raise BlendOptionError(f"option {self.name} of blend method {method!r} is {value!r}, out of range.\n"
+                                   f"  fix: {self.name}: {self.help}.")
         return value
 
 
-RANK = Option("rank", int, None, "target rank of every module", default_help="the largest input rank")
-DENSITY = Option("density", float, 0.5, "fraction of each delta's values kept, in (0, 1]")
+RANK = Option("rank", int, None, "target rank of every module, at least 1", default_help="the largest input rank",
+              minimum=1)
+DENSITY = Option("density", float, 0.5, "fraction of each delta's values kept, in (0, 1]", minimum=0.0,
+                 exclusive_minimum=True, maximum=1.0)
 SEED = Option("seed", int, 0, "seed of the random drops (the same seed gives the same result)")
 MAJORITY_SIGN = Option("majority_sign_method", str, "total", "how each value's sign is elected: total (sign of "
                        "the weighted sum) or frequency (the more frequent sign)", choices=("total", "frequency"))
@@ -485,7 +495,8 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, m
         CompatibilityError: the adapters do not fit together.
     """
     if method not in METHODS:
-        raise BlendError(f"unknown blend method {method!r}; choose one of: {', '.join(sorted(METHODS))}.")
+        raise BlendOptionError(f"unknown blend method {method!r}; choose one of: {', '.join(sorted(METHODS))}.\n"
+                               "  fix: pick one of them (the README's blend table says what each does).")
     spec = METHODS[method]
     adapters = list(adapters)
     if not adapters:
