@@ -334,3 +334,15 @@ def test_help_texts_are_complete():
         assert "..." not in result.output.split("Options:")[0].replace("[ARGS]...", "").replace(
             "SOURCES]...", "").replace("SRC[=WEIGHT]...", "")
     assert "Exit status: 0 success; 1 the command failed" in top
+
+
+def test_readme_documents_every_command_and_method_option():
+    from adapterhub.compose.blend import METHODS, all_options
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name in cli.commands:
+        assert f"adapterhub {name} " in readme, name
+    for name in all_options():
+        assert f"--{name.replace('_', '-')}" in readme, name
+    for name in METHODS:
+        assert f"`{name}`" in readme, name
