@@ -528,11 +528,11 @@ def reindex(reg: _LazyRegistry) -> None:
 @click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False, path_type=str),
               help="Blend exactly what this recipe file says (instead of SOURCES and options).")
 @click.option("--save-recipe", type=click.Path(dir_okay=False, path_type=str),
-              help="Also write the recipe (JSON) to this file; its folder must exist.")
+              help="Also write the recipe (JSON) to this file; its folder must exist (--force replaces a file).")
 @click.option("--push", "push_target", metavar="NAME[@VERSION]", help="Push the result with its lineage.")
 @click.option("-o", "--output", type=click.Path(path_type=str), help="Write the result to this directory.")
 @click.option("--format", "fmt", type=FORMAT_CHOICE, default="peft", show_default=True, help="Format for -o.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT (and the --save-recipe file) if they exist.")
 @allow_pickle_option
 @click.pass_context
 @pass_registry

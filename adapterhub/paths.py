@@ -114,14 +114,18 @@ def check_output(target: str | Path, *, replace: bool = False, reads: tuple[str 
     return lexical
 
 
-def check_new_file(path: str | Path, *, what: str = "file") -> Path:
+def check_new_file(path: str | Path, *, what: str = "file", overwrite: bool = False) -> Path:
     """Check a single output file before any work: the guard of :func:`check_output`, an existing
-    parent folder, and no directory at ``path``.
+    parent folder, no directory at ``path``, and no file there unless ``overwrite``.
 
     Raises:
-        OutputPathError: refused by the guard, the folder is missing, or ``path`` is a directory.
+        OutputPathError: refused by the guard, the folder is missing, ``path`` is a directory, or it
+            exists and ``overwrite`` is false.
     """
     path = check_output(path, replace=True)
+    if path.exists() and not path.is_dir() and not overwrite:
+        raise OutputPathError(f"{shown(path)} already exists.\n  fix: choose a new file name, or pass "
+                              "overwrite=True (CLI: --force) to replace it.", path=path)
     if path.is_dir():
         raise OutputPathError(f"{path} is a directory; the {what} is a file.\n  fix: give a file name, e.g. "
                               f"{path / 'recipe.json'}.", path=path)
@@ -132,7 +136,8 @@ def check_new_file(path: str | Path, *, what: str = "file") -> Path:
 
 
 @contextmanager
-def pending_text_file(path: str | Path, *, what: str = "file") -> Iterator[Callable[[str], Path]]:
+def pending_text_file(path: str | Path, *, what: str = "file", overwrite: bool = False
+                      ) -> Iterator[Callable[[str], Path]]:
     """Reserve an output file before long work, write it after: the temp file beside ``path`` is
     created on entry (so a read-only or missing place fails at once), and the yielded
     ``commit(text)`` writes it and renames it into place. Without a commit nothing is left behind.
@@ -141,7 +146,7 @@ def pending_text_file(path: str | Path, *, what: str = "file") -> Iterator[Calla
         OutputPathError: see :func:`check_new_file`.
         StorageError: the file system refused the file (read-only, full, permissions).
     """
-    path = check_new_file(path, what=what)
+    path = check_new_file(path, what=what, overwrite=overwrite)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with _storage(f"writing the {what} {path}", path.parent):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -161,14 +166,14 @@ def pending_text_file(path: str | Path, *, what: str = "file") -> Iterator[Calla
         tmp.unlink(missing_ok=True)
 
 
-def write_text_file(path: str | Path, text: str, *, what: str = "file") -> Path:
+def write_text_file(path: str | Path, text: str, *, what: str = "file", overwrite: bool = False) -> Path:
     """Write ``text`` to ``path`` atomically (a temp file beside it, then a rename), mode per the umask.
 
     Raises:
         OutputPathError: see :func:`check_new_file`.
         StorageError: the file system refused the write (read-only, full, permissions).
     """
-    with pending_text_file(path, what=what) as commit:
+    with pending_text_file(path, what=what, overwrite=overwrite) as commit:
         return commit(text)
 
 

@@ -36,16 +36,17 @@ class Recipe:
         return {"recipe": RECIPE_SCHEMA, "sources": self.sources, "weights": self.weights, "method": self.method,
                 "options": self.options, "seed": self.seed}
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the recipe as JSON (atomically; the path is checked by the output guard first).
 
         Raises:
-            OutputPathError: the folder is missing, ``path`` is a directory, a source or inside the registry.
+            OutputPathError: the folder is missing, ``path`` is a directory, a source or inside the registry,
+                or it exists and ``overwrite`` is false.
             StorageError: the file system refused the write.
         """
         from adapterhub.paths import write_text_file
 
-        return write_text_file(path, self.text(), what="recipe")
+        return write_text_file(path, self.text(), what="recipe", overwrite=overwrite)
 
     def text(self) -> str:
         """The recipe as the JSON text :meth:`save` writes."""

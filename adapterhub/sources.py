@@ -168,7 +168,7 @@ def blend_sources(sources: Sequence[str] = (), weights: Sequence[float] | None =
                   save_recipe: str | Path | None = None) -> BlendOutcome:
     """Blend ``sources`` (directories or registry references) or exactly what ``recipe`` says, and
     write the result to ``output`` and/or push it as ``push`` with its lineage; ``save_recipe``
-    writes the recipe.
+    writes the recipe. ``overwrite`` lets both replace what exists.
 
     Every output is checked before any source is read or blended: a refused ``output`` or
     ``save_recipe`` (missing folder, read-only place, a source, the registry) costs nothing.
@@ -213,7 +213,7 @@ def blend_sources(sources: Sequence[str] = (), weights: Sequence[float] | None =
             probe_directory(output)
         commit_recipe = None
         if save_recipe is not None:
-            commit_recipe = stack.enter_context(pending_text_file(save_recipe, what="recipe"))
+            commit_recipe = stack.enter_context(pending_text_file(save_recipe, what="recipe", overwrite=overwrite))
         reg = _Registry(registry)
         if recipe is None:
             opened = [_open(s, reg, allow_pickle=allow_pickle) for s in sources]

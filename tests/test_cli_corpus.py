@@ -254,7 +254,7 @@ NOFIX = {
 HOSTILE_OUTPUTS = {"proc": lambda w: "/proc/adapterhub-corpus", "dot": lambda w: ".", "dotdot": lambda w: "..",
                    "registry": lambda w: w.reg, "inside-registry": lambda w: w.reg / "blobs" / "x",
                    "nul": lambda w: "out\0x", "long": lambda w: "o" * 5000,
-                   "file-parent": lambda w: w.bad["file"] / "x"}
+                   "file-parent": lambda w: w.bad["file"] / "x", "file": lambda w: w.bad["file"]}
 
 
 def _cases() -> list:

@@ -197,6 +197,14 @@ def test_save_recipe_is_checked_before_the_blend_runs(world):
     r = run("blend", a, b, "-o", root / "x", "--save-recipe", root)
     assert r.exit_code == 2 and "is a directory" in r.output
     assert not (root / "x").exists()
+    mine = root / "mine.json"
+    mine.write_text("{}\n")
+    r = run("blend", a, b, "-o", root / "x", "--save-recipe", mine)
+    assert (r.exit_code, r.output) == (2, f"error: {mine} already exists.\n  fix: choose a new file name, or pass "
+                                          "overwrite=True (CLI: --force) to replace it.\n")
+    assert mine.read_text() == "{}\n" and not (root / "x").exists()
+    assert run("blend", a, b, "-o", root / "x", "--save-recipe", mine, "--force").exit_code == 0
+    assert json.loads(mine.read_text())["recipe"] == "adapterhub.recipe.v1"
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077])
@@ -305,3 +313,22 @@ def test_read_commands_work_from_inside_the_registry(world):
     os.chdir(reg)
     assert json.loads(run("list", "--json").output)[0]["ref"] == "t/a@1"
     assert run("show", "t/a").exit_code == 0 and run("inspect", root / "a").exit_code == 0
+
+
+def test_force_never_replaces_a_file_and_replaces_a_link_not_what_it_names(world):
+    root, reg, a, b, base = world
+    note = root / "notes.txt"
+    note.write_text("mine\n")
+    r = run("pull", "t/a", "-o", note, "--force")
+    assert (r.exit_code, r.output) == (2, f"error: {note} is a file, not a directory; adapterhub writes a directory "
+                                          "there.\n  fix: choose a directory path (a file is never replaced by one).\n")
+    assert note.read_text() == "mine\n"
+    keep = root / "keep"
+    keep.mkdir()
+    (keep / "f").write_text("keep\n")
+    link = root / "link"
+    link.symlink_to(keep)
+    assert run("pull", "t/a", "-o", link, "--force").exit_code == 0
+    assert link.is_dir() and not link.is_symlink() and (link / "adapter_config.json").is_file()
+    assert [p.name for p in keep.iterdir()] == ["f"] and (keep / "f").read_text() == "keep\n"
+    assert not [p for p in root.iterdir() if ".old-" in p.name]

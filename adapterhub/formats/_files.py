@@ -17,10 +17,11 @@ from adapterhub.errors import (
     CorruptFileError,
     FormatError,
     MissingFileError,
+    OutputPathError,
     PickleRefusedError,
     storage_error,
 )
-from adapterhub.paths import check_output, dir_mode
+from adapterhub.paths import check_output, dir_mode, shown
 from adapterhub.tensorfile import TensorInfo, read_header
 
 if TYPE_CHECKING:
@@ -106,11 +107,14 @@ def check_directory_target(target: str | Path, *, overwrite: bool = False) -> Pa
     non-empty ``target`` only with ``overwrite``.
 
     Raises:
-        OutputPathError: the guard refused the path.
+        OutputPathError: the guard refused the path, or it is a file.
         FormatError: it exists and is not empty, and ``overwrite`` is false.
     """
     target = check_output(target, replace=overwrite)
     try:
+        if target.exists() and not target.is_dir():
+            raise OutputPathError(f"{shown(target)} is a file, not a directory; adapterhub writes a directory there.\n"
+                                  "  fix: choose a directory path (a file is never replaced by one).", path=target)
         occupied = target.exists() and not (target.is_dir() and not any(target.iterdir()))
     except OSError as e:
         raise storage_error(e, f"looking at {target}", str(target)) from e
@@ -155,7 +159,10 @@ def atomic_directory(target: Path, *, overwrite: bool = False) -> Iterator[Path]
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_symlink():  # the target was a link to a directory: the link is replaced, not what it names
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
     except BaseException as e:
