@@ -1,48 +1,128 @@
 """The ``adapterhub`` command line: parse, call one library function, render. No logic lives here.
 
-Heavy modules (torch, safetensors) are imported inside commands so ``adapterhub --help`` is instant.
+Errors are rendered in one place (:func:`render_error`, table :data:`ERROR_MAPPINGS`) around the
+whole group: every failure is a short message (what, where, ``fix:``) and an exit status, never a
+Python traceback (``ADAPTERHUB_DEBUG=1`` shows it). Heavy modules (torch, safetensors) are
+imported inside commands so ``adapterhub --help`` is instant.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-EXIT_INCOMPATIBLE = 1
-EXIT_UNREADABLE = 2
+from adapterhub import errors
+from adapterhub.compose.blend import METHODS, all_options
+
+EXIT_OK = 0
+EXIT_FAILED = 1       # the command ran and failed or found a problem: incompatible, damaged, storage, refused
+EXIT_USAGE = 2        # the command line or an input cannot be used: usage, unreadable file, bad reference, bad path
+EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_INCOMPATIBLE = EXIT_FAILED
+EXIT_UNREADABLE = EXIT_USAGE
+
+#: exception type -> exit status; the first match wins, so subclasses come before their bases.
+#: OSErrors that adapterhub did not translate are mapped by errno (:data:`OS_ERRORS`).
+ERROR_MAPPINGS: tuple[tuple[type[BaseException], int], ...] = (
+    (errors.BlendOptionError, EXIT_USAGE),
+    (errors.OutputPathError, EXIT_USAGE),
+    (errors.FormatError, EXIT_USAGE),
+    (errors.BaseCheckpointError, EXIT_USAGE),
+    (errors.InvalidReferenceError, EXIT_USAGE),
+    (errors.StorageError, EXIT_FAILED),
+    (errors.AdapterHubError, EXIT_FAILED),
+)
+
+#: errno of an untranslated OSError -> (exit status, what to do)
+OS_ERRORS: dict[int, tuple[int, str]] = {
+    errno.ENOENT: (EXIT_USAGE, "check the path (its folder must exist, and the file system must allow new files)"),
+    errno.ENOTDIR: (EXIT_USAGE, "a part of the path is a file, not a folder; check the path"),
+    errno.EISDIR: (EXIT_USAGE, "that is a folder; give a file path"),
+    errno.ENAMETOOLONG: (EXIT_USAGE, "use a shorter name"),
+    errno.ELOOP: (EXIT_USAGE, "the path has a symlink loop; check it"),
+    errno.EROFS: (EXIT_FAILED, "the file system is read-only; write somewhere else"),
+    errno.EACCES: (EXIT_FAILED, "permission denied; check the permissions, or write somewhere else"),
+    errno.EPERM: (EXIT_FAILED, "the operation is not permitted there (immutable file, or no rights); "
+                               "write somewhere else"),
+    errno.ENOSPC: (EXIT_FAILED, "the disk is full; free space and retry"),
+    errno.EDQUOT: (EXIT_FAILED, "the disk quota is exceeded; free space and retry"),
+    errno.EBUSY: (EXIT_FAILED, "the path is in use (a mount point, or a folder a process works in); choose another"),
+    errno.EEXIST: (EXIT_FAILED, "something already exists there; choose another path"),
+    errno.EXDEV: (EXIT_FAILED, "the paths are on different file systems; keep them on one"),
+    errno.EIO: (EXIT_FAILED, "the disk reported an I/O error; check it"),
+}
 
 
-def _fail(exc: Exception) -> NoReturn:
-    """Render a library error as one message and exit: 2 for unreadable input or a bad reference, 1 otherwise."""
-    from adapterhub.errors import BaseCheckpointError, FormatError, InvalidReferenceError
-
-    if os.environ.get("ADAPTERHUB_DEBUG"):
-        raise exc
-    report = getattr(exc, "report", None)
-    if report is not None:
-        for p in report.problems:
-            click.echo(p.line(), err=True)
-    click.echo(f"error: {exc}", err=True)
-    unreadable = (FormatError, BaseCheckpointError, InvalidReferenceError)
-    sys.exit(EXIT_UNREADABLE if isinstance(exc, unreadable) else 1)
+def _debug() -> bool:
+    return os.environ.get("ADAPTERHUB_DEBUG", "") not in ("", "0")
 
 
-@contextmanager
-def _errors() -> Iterator[None]:
-    """Turn library errors into one rendered message and an exit status."""
-    from adapterhub.errors import AdapterHubError
+def render_error(exc: BaseException) -> tuple[int, str]:
+    """The exit status and the message (what, where, ``fix:``) for any exception that ends a command.
 
-    try:
-        yield
-    except AdapterHubError as e:
-        _fail(e)
+    A failed compatibility check prints its problems once each, then its summary.
+    """
+    if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, click.Abort)
+                                              and isinstance(exc.__cause__, KeyboardInterrupt)):
+        return EXIT_INTERRUPTED, "interrupted (nothing half-written was kept)."
+    for kind, code in ERROR_MAPPINGS:
+        if isinstance(exc, kind):
+            report = getattr(exc, "report", None)
+            if report is not None and getattr(report, "problems", None):
+                lines = [p.line() for p in report.problems] + [f"error: {report.summary()}"]
+                return code, "\n".join(lines)
+            return code, f"error: {exc}"
+    if isinstance(exc, OSError):
+        code, fix = OS_ERRORS.get(exc.errno or 0, (EXIT_FAILED, "check the path and the file system"))
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return code, f"error: {exc.strerror or exc}{': ' + where if where else ''}.\n  fix: {fix}."
+    if isinstance(exc, ValueError) and "null byte" in str(exc):  # Python refuses NUL in any path it is given
+        return EXIT_USAGE, "error: a path or name contains a NUL byte.\n  fix: remove it."
+    if isinstance(exc, MemoryError):
+        return EXIT_FAILED, ("error: out of memory.\n  fix: free memory, or work on fewer or smaller adapters "
+                             "at once.")
+    detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return EXIT_FAILED, (f"error: internal error ({type(exc).__name__}{': ' + detail if detail else ''}).\n"
+                         "  fix: this is a bug in adapterhub; rerun with ADAPTERHUB_DEBUG=1 for the traceback and "
+                         "report it.")
+
+
+class AdapterHubGroup(click.Group):
+    """The command group, with the one catch around every command (see :func:`render_error`)."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except SystemExit:
+            raise
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except BrokenPipeError:  # e.g. `adapterhub list | head -1`: stop quietly (Python's documented recipe)
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_FAILED)
+        except BaseException as e:
+            if _debug() and not isinstance(e, KeyboardInterrupt | click.Abort):
+                raise
+            code, message = render_error(e)
+            if isinstance(e, click.Abort) and code != EXIT_INTERRUPTED:
+                message = "Aborted!"
+            click.echo(message, err=True)
+            sys.exit(code)
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
 @contextmanager
@@ -59,10 +139,36 @@ def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
+def _warn(lines: Iterable[str]) -> None:
+    for line in lines:
+        click.echo(line, err=True)
+
+
 allow_pickle_option = click.option(
     "--allow-pickle", is_flag=True, envvar="ADAPTERHUB_ALLOW_PICKLE",
     help="Also read pickle .bin weights (with torch.load(weights_only=True)). Only for files you trust.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+FORMAT_CHOICE = click.Choice(["peft", "adapters", "adapterhub"])
+
+
+def method_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """One flag per option of the blend method table (``--rank``, ``--density``, ...), with its type,
+    help, default and the methods that take it; the command receives them as keyword arguments."""
+    for name, (opt, takers) in reversed(list(all_options().items())):
+        kind = click.Choice(list(opt.choices)) if opt.choices else opt.type
+        f = click.option(f"--{name.replace('_', '-')}", name, type=kind, default=None,
+                         help=f"{opt.help[0].upper()}{opt.help[1:]}; default {opt.default_text}. "
+                              f"Methods: {', '.join(takers)}.")(f)
+    return f
+
+
+def _given_method_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The method options given on the command line (popped from a command's keyword arguments)."""
+    return {name: value for name in all_options() if (value := kwargs.pop(name, None)) is not None}
+
+
+def _method_help() -> str:
+    return "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
 
 
 class _LazyRegistry:
@@ -76,12 +182,15 @@ class _LazyRegistry:
         if self._registry is None:
             from adapterhub.registry import Registry
 
-            with _errors():
-                self._registry = Registry(self.path)
+            self._registry = Registry(self.path)
         return self._registry
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=AdapterHubGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="Exit status: 0 success; 1 the command failed or found a problem (incompatible, damaged, "
+                    "read-only, disk full); 2 the command line or an input cannot be used (usage, unreadable "
+                    "file, bad reference, refused output path); 130 interrupted. ADAPTERHUB_DEBUG=1 shows "
+                    "tracebacks.")
 @click.version_option(package_name="adapterhub")
 @click.option("--registry", "registry_path", envvar="ADAPTERHUB_REGISTRY", type=click.Path(file_okay=False),
               help="Registry directory [env: ADAPTERHUB_REGISTRY; default: ~/.local/share/adapterhub/registry].")
@@ -94,21 +203,18 @@ def cli(ctx: click.Context, registry_path: str | None) -> None:
 pass_registry = click.make_pass_decorator(_LazyRegistry)
 
 
-@cli.command()
+@cli.command(short_help="Describe an adapter directory.")
 @click.argument("adapter", type=click.Path(file_okay=False, path_type=str))
 @allow_pickle_option
 @json_option
 def inspect(adapter: str, allow_pickle: bool, as_json: bool) -> None:
-    """Print an adapter's kind, base, targets, ranks, parameter count and size on disk."""
+    """Describe the adapter directory ADAPTER: format, kind, base, targets, ranks, parameter count and
+    size on disk."""
     from adapterhub.adapter import summarize
-    from adapterhub.errors import AdapterHubError
     from adapterhub.formats import detect, read_adapter
 
-    try:
-        fmt = detect(adapter)
-        info = summarize(read_adapter(adapter, format=fmt, allow_pickle=allow_pickle))
-    except AdapterHubError as e:
-        _fail(e)
+    fmt = detect(adapter)
+    info = summarize(read_adapter(adapter, format=fmt, allow_pickle=allow_pickle))
     info["format"] = fmt
     if as_json:
         _emit_json(info)
@@ -172,7 +278,7 @@ def _human(n: float) -> str:
     return str(n)
 
 
-@cli.command()
+@cli.command(short_help="Check that an adapter fits a base model.")
 @click.argument("adapter", type=click.Path(file_okay=False, path_type=str))
 @click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Base model directory (config.json + safetensors).")
@@ -186,28 +292,24 @@ def check(adapter: str, base_dir: str, strict_identity: bool, allow_pickle: bool
     """
     from adapterhub.base import BaseCheckpoint
     from adapterhub.compose.checks import check_adapter
-    from adapterhub.errors import AdapterHubError
     from adapterhub.formats import read_adapter
 
-    try:
-        a = read_adapter(adapter, allow_pickle=allow_pickle)
-        base = BaseCheckpoint.open(base_dir)
-        report = check_adapter(a, base, subject=adapter, strict_identity=strict_identity)
-    except AdapterHubError as e:
-        _fail(e)
+    a = read_adapter(adapter, allow_pickle=allow_pickle)
+    base = BaseCheckpoint.open(base_dir)
+    report = check_adapter(a, base, subject=adapter, strict_identity=strict_identity)
     if as_json:
         _emit_json(report.to_dict())
     else:
         for p in report.problems:
             click.echo(p.line())
         click.echo(report.summary())
-    sys.exit(0 if report.ok else EXIT_INCOMPATIBLE)
+    sys.exit(EXIT_OK if report.ok else EXIT_INCOMPATIBLE)
 
 
-@cli.command()
+@cli.command(short_help="Write an adapter in another format.")
 @click.argument("adapter", type=click.Path(file_okay=False, path_type=str))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Directory to write.")
-@click.option("--format", "fmt", type=click.Choice(["peft", "adapters", "adapterhub"]), default="peft",
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default="peft",
               show_default=True, help="Format to write.")
 @click.option("--base", "base_dir", type=click.Path(file_okay=False, path_type=str),
               help="Base model: checked first, its fingerprint recorded, and its config used where a format needs "
@@ -215,20 +317,13 @@ def check(adapter: str, base_dir: str, strict_identity: bool, allow_pickle: bool
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @allow_pickle_option
 def convert(adapter: str, output: str, fmt: str, base_dir: str | None, force: bool, allow_pickle: bool) -> None:
-    """Read ADAPTER in any format and write it to OUTPUT in --format."""
+    """Read ADAPTER in any format and write it to OUTPUT in --format (checked against --base first
+    when given)."""
     from adapterhub.convert import convert_adapter
-    from adapterhub.errors import AdapterHubError
 
-    try:
-        path, report = convert_adapter(adapter, output, format=fmt, base=base_dir, overwrite=force,
-                                       allow_pickle=allow_pickle)
-    except AdapterHubError as e:
-        if getattr(e, "report", None) is not None:
-            for p in e.report.problems:
-                click.echo(p.line(), err=True)
-        _fail(e)
-    for p in report.problems if report else ():
-        click.echo(p.line(), err=True)
+    path, report = convert_adapter(adapter, output, format=fmt, base=base_dir, overwrite=force,
+                                   allow_pickle=allow_pickle)
+    _warn(p.line() for p in (report.problems if report else ()))
     click.echo(f"wrote {fmt} adapter to {path}")
 
 
@@ -267,13 +362,12 @@ def push(reg: _LazyRegistry, directory: str, target: str, tags: tuple[str, ...],
         parsed[key] = _number(value)
     from adapterhub.registry.refs import check_tag, check_target
 
-    with _errors():  # refuse bad names before the registry is even created
-        check_target(target)
-        for t in tags:
-            check_tag(t)
+    check_target(target)  # refuse bad names before the registry is even created
+    for t in tags:
+        check_tag(t)
     registry = reg.get()
     total = sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
-    with _errors(), _progress(total, "pushing") as progress:
+    with _progress(total, "pushing") as progress:
         result = registry.push(directory, target, tags=tags, description=description, metrics=parsed,
                                base=base_dir, allow_pickle=allow_pickle, include=include, include_all=include_all,
                                allow_duplicate=allow_duplicate, progress=progress)
@@ -307,9 +401,9 @@ def _number(text: str) -> Any:
 @cli.command(short_help="Write version REF to a directory, verifying every hash.")
 @click.argument("ref")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Directory to write.")
-@click.option("--format", "fmt", type=click.Choice(["peft", "adapters", "adapterhub"]), default=None,
-              help="Write in this format. Default: PEFT where PEFT can express the adapter (LoRA, IA3, prefix "
-                   "tuning, blends of them), else the format it was stored in.")
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default=None,
+              help="Write in this format. Default: the format it was pushed in; adapterhub's own format (blends) "
+                   "as PEFT where PEFT can express it (LoRA, IA3, prefix tuning).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
 @click.option("--link", is_flag=True,
               help="Hard-link files from the registry (instant; re-hashes only changed blobs; never edit them).")
@@ -317,16 +411,16 @@ def _number(text: str) -> Any:
 def pull(reg: _LazyRegistry, ref: str, output: str, fmt: str | None, force: bool, link: bool) -> None:
     """Write version REF to a directory, verifying every hash.
 
-    Without --format, a LoRA, IA3 or prefix-tuning version (blends included) is written as a PEFT
-    directory; other kinds keep the format they were stored in, and the command says so.
+    Without --format, a version comes back in the format it was pushed in; one stored in adapterhub's
+    own format (a blend) is written as a PEFT directory where PEFT can express it, and the command
+    says so.
     """
     registry = reg.get()
-    with _errors():
-        chosen = registry.pull_format(ref, fmt or "auto")
-        size = int(registry.manifest(ref).get("size") or 0)
-        with _progress(size, "pulling") as progress:
-            path = registry.pull(ref, output, format=chosen.format, overwrite=force, link=link, progress=progress)
-        resolved = registry.resolve(ref)
+    chosen = registry.pull_format(ref, fmt or "auto")
+    size = int(registry.manifest(ref).get("size") or 0)
+    with _progress(size, "pulling") as progress:
+        path = registry.pull(ref, output, format=chosen.format, overwrite=force, link=link, progress=progress)
+    resolved = registry.resolve(ref)
     if chosen.note:
         click.echo(f"note: {chosen.note}", err=True)
     click.echo(f"{resolved.ref} {resolved.digest} -> {path}")
@@ -346,10 +440,9 @@ def list_(reg: _LazyRegistry, pattern: str | None, kind: str | None, base: str |
     A damaged version (its manifest missing or corrupt) is not listed; a warning on stderr names it
     and the fix.
     """
-    with _errors():
-        registry = reg.get()
-        rows = registry.list(pattern, kind=kind, base=base, tag=tag)
-        damaged = registry.damaged()
+    registry = reg.get()
+    rows = registry.list(pattern, kind=kind, base=base, tag=tag)
+    damaged = registry.damaged()
     for d in damaged:
         click.echo(f"warning: {d.ref} is damaged and not listed: {d.problem}; fix: `adapterhub rm {d.ref}` (or "
                    "restore the blob and run `adapterhub reindex`).", err=True)
@@ -374,8 +467,7 @@ def list_(reg: _LazyRegistry, pattern: str | None, kind: str | None, base: str |
 @pass_registry
 def show(reg: _LazyRegistry, ref: str, as_json: bool) -> None:
     """Show version REF: its manifest, and r, alpha and targets (or the kind's own essentials) of the adapter."""
-    with _errors():
-        info = reg.get().show(ref)
+    info = reg.get().show(ref)
     if as_json:
         _emit_json(info)
         return
@@ -417,8 +509,7 @@ def tag(reg: _LazyRegistry, ref: str, tag: str) -> None:
 
     Tags that read as numbers (1, 01, 1.0, 1e3, inf, nan) or booleans (true, false) are refused.
     """
-    with _errors():
-        res = reg.get().tag(ref, tag)
+    res = reg.get().tag(ref, tag)
     click.echo(f"{res.name}@{tag} -> {res.ref}")
 
 
@@ -428,8 +519,7 @@ def tag(reg: _LazyRegistry, ref: str, tag: str) -> None:
 @pass_registry
 def untag(reg: _LazyRegistry, name: str, tag: str) -> None:
     """Remove TAG from NAME (untagging 'latest' makes it follow the newest push again)."""
-    with _errors():
-        reg.get().untag(name, tag)
+    reg.get().untag(name, tag)
     click.echo(f"removed {name}@{tag}")
 
 
@@ -438,8 +528,7 @@ def untag(reg: _LazyRegistry, name: str, tag: str) -> None:
 @pass_registry
 def rm(reg: _LazyRegistry, ref: str) -> None:
     """Remove version REF (NAME@VERSION) and its tags; `gc` frees its storage. Works on a damaged version."""
-    with _errors():
-        res = reg.get().rm(ref)
+    res = reg.get().rm(ref)
     click.echo(f"removed {res.ref} {res.digest}")
 
 
@@ -456,8 +545,7 @@ def gc(reg: _LazyRegistry, dry_run: bool, temp_grace: float, as_json: bool) -> N
     Reports what was removed (blobs a push referenced meanwhile are kept and said so); --dry-run
     reports the plan.
     """
-    with _errors():
-        done = reg.get().gc(dry_run=dry_run, temp_grace=temp_grace)
+    done = reg.get().gc(dry_run=dry_run, temp_grace=temp_grace)
     if as_json:
         _emit_json({**done.to_dict(), "dry_run": dry_run})
         return
@@ -477,8 +565,7 @@ def gc(reg: _LazyRegistry, dry_run: bool, temp_grace: float, as_json: bool) -> N
 def verify(reg: _LazyRegistry, as_json: bool) -> None:
     """Check every manifest and blob hash; list orphans. Exit 1 if anything is damaged."""
     registry = reg.get()
-    with _errors():
-        report = registry.verify()
+    report = registry.verify()
     if as_json:
         _emit_json(report.to_dict())
     else:
@@ -494,10 +581,9 @@ def verify(reg: _LazyRegistry, as_json: bool) -> None:
 @pass_registry
 def reindex(reg: _LazyRegistry) -> None:
     """Rebuild the search index from the manifests; damaged versions are skipped and named."""
-    with _errors():
-        registry = reg.get()
-        registry.reindex()
-        damaged = registry.damaged()
+    registry = reg.get()
+    registry.reindex()
+    damaged = registry.damaged()
     for d in damaged:
         click.echo(f"warning: skipped damaged version {d.ref}: {d.problem}; fix: `adapterhub rm {d.ref}`.", err=True)
     click.echo("index rebuilt")
@@ -506,85 +592,75 @@ def reindex(reg: _LazyRegistry) -> None:
 # --- compose -------------------------------------------------------------------------------------
 
 
-@cli.command()
+@cli.command(short_help="Blend adapters into one (linear, svd, ties, dare...).")
 @click.argument("sources", nargs=-1)
 @click.option("--weights", help="Comma-separated weights, one per source (default: all 1). Negative negates a task.")
-@click.option("--method", default="linear", show_default=True,
-              help="linear, cat, svd, ties, dare_linear, dare_ties or magnitude_prune.")
-@click.option("--rank", type=int, help="Target rank (svd, ties, dare_*, magnitude_prune).")
-@click.option("--density", type=float, help="Fraction of values kept (ties, dare_*, magnitude_prune).")
-@click.option("--seed", type=int, help="Seed of the random drops (dare_*).")
+@click.option("--method", type=click.Choice(list(METHODS)), default="linear", show_default=True,
+              help="Blend method. " + _method_help() + ".")
+@method_options
 @click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False, path_type=str),
               help="Blend exactly what this recipe file says (instead of SOURCES and options).")
-@click.option("--save-recipe", type=click.Path(dir_okay=False, path_type=str), help="Also write the recipe here.")
+@click.option("--save-recipe", type=click.Path(dir_okay=False, path_type=str),
+              help="Also write the recipe (JSON) to this file; its folder must exist (--force replaces a file).")
 @click.option("--push", "push_target", metavar="NAME[@VERSION]", help="Push the result with its lineage.")
 @click.option("-o", "--output", type=click.Path(path_type=str), help="Write the result to this directory.")
-@click.option("--format", "fmt", type=click.Choice(["peft", "adapters", "adapterhub"]), default="peft",
-              show_default=True, help="Format for -o.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default="peft", show_default=True, help="Format for -o.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT (and the --save-recipe file) if they exist.")
 @allow_pickle_option
+@click.pass_context
 @pass_registry
-def blend(reg: _LazyRegistry, sources: tuple[str, ...], weights: str | None, method: str, rank: int | None,
-          density: float | None, seed: int | None, recipe_file: str | None, save_recipe: str | None,
-          push_target: str | None, output: str | None, fmt: str, force: bool, allow_pickle: bool) -> None:
-    """Blend SOURCES (registry references or adapter directories) into one adapter.
+def blend(reg: _LazyRegistry, ctx: click.Context, sources: tuple[str, ...], weights: str | None, method: str,
+          recipe_file: str | None, save_recipe: str | None, push_target: str | None, output: str | None, fmt: str,
+          force: bool, allow_pickle: bool, **kwargs: Any) -> None:
+    """Blend SOURCES (registry references or adapter directories) into one adapter, written with -o
+    or pushed with --push.
 
-    Compatibility is checked before any math; incompatible inputs print the check's report.
+    Compatibility is checked before any math; incompatible inputs print the check's report. Every
+    output (-o, --save-recipe) is checked before the blend runs.
     """
-    from adapterhub.recipe import Recipe, load_sources, run_recipe
+    from adapterhub.sources import blend_sources
 
+    options = _given_method_options(kwargs)
     if (push_target is None) == (output is None):
         raise click.UsageError("give exactly one of --push NAME[@VERSION] or -o DIR")
     if recipe_file and sources:
         raise click.UsageError("give SOURCES or --recipe, not both")
     if not recipe_file and not sources:
         raise click.UsageError("give at least one SOURCE, or --recipe FILE")
-    registry = None
-    needs_registry = push_target is not None or recipe_file is not None or any(not Path(s).is_dir() for s in sources)
-    if needs_registry:
-        registry = reg.get()
-    with _errors():
-        if recipe_file:
-            recipe = Recipe.load(recipe_file)
-        else:
-            w = [1.0] * len(sources)
-            if weights:
-                try:
-                    w = [float(x) for x in weights.split(",")]
-                except ValueError as e:
-                    raise click.BadParameter(f"{weights!r} is not a comma-separated list of numbers",
-                                             param_hint="--weights") from e
-            options = {k: v for k, v in (("rank", rank), ("density", density)) if v is not None}
-            _, pinned = load_sources(list(sources), registry, allow_pickle=allow_pickle)
-            recipe = Recipe(pinned, w, method, options, seed)
-        result = run_recipe(recipe, registry, allow_pickle=allow_pickle)
-        errors = (result.extra.get("blend") or {}).get("relative_error") or {}
-        if errors:
-            worst = max(errors, key=errors.get)
-            click.echo(f"truncation: relative error max {errors[worst]:.3g} ({worst}), "
-                       f"mean {sum(errors.values()) / len(errors):.3g} over {len(errors)} modules", err=True)
-        if save_recipe:
-            recipe.save(save_recipe)
-        if push_target:
-            parents = [{"ref": s.get("ref") or s["path"], "digest": s["digest"], "weight": w}
-                       for s, w in zip(recipe.sources, recipe.weights, strict=True)]
-            pushed = registry.push(result, push_target, parents=parents, recipe=recipe.to_dict(),
-                                   description=f"{recipe.method} blend of {len(parents)} adapters")
-            click.echo(f"{pushed.ref} {pushed.digest}")
-        else:
-            from adapterhub.formats import write_adapter
-
-            path = write_adapter(result, output, format=fmt, overwrite=force)
-            click.echo(f"wrote {recipe.method} blend to {path}")
+    if recipe_file and (weights or options or ctx.get_parameter_source("method").name != "DEFAULT"):
+        raise click.UsageError("--recipe fixes weights, method and options; do not give them as well")
+    w = None
+    if weights:
+        try:
+            w = [float(x) for x in weights.split(",")]
+        except ValueError as e:
+            raise click.BadParameter(f"{weights!r} is not a comma-separated list of numbers",
+                                     param_hint="--weights") from e
+        if len(w) != len(sources):
+            raise click.BadParameter(f"{len(w)} weight(s) for {len(sources)} source(s); give one per source",
+                                     param_hint="--weights")
+    outcome = blend_sources(list(sources), w, method, options, recipe=recipe_file, registry=reg.get,
+                            allow_pickle=allow_pickle, output=output, format=fmt, overwrite=force,
+                            push=push_target, save_recipe=save_recipe)
+    t = outcome.truncation
+    if t:
+        click.echo(f"truncation: relative error max {t['max']:.3g} ({t['module']}), mean {t['mean']:.3g} over "
+                   f"{t['modules']} modules", err=True)
+    if outcome.pushed is not None:
+        click.echo(f"{outcome.pushed.ref} {outcome.pushed.digest}")
+    else:
+        click.echo(f"wrote {outcome.recipe.method} blend to {outcome.path}")
 
 
-@cli.command(name="export")
+@cli.command(name="export", short_help="Fold adapters into the base; write a checkpoint.")
 @click.argument("sources", nargs=-1, required=True, metavar="SRC[=WEIGHT]...")
 @click.option("--base", "base_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
               help="Base model directory (config.json + safetensors, single or sharded).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Directory to write.")
-@click.option("--method", help="Blend the sources with this method first (else each is folded with its weight).")
-@click.option("--rank", type=int, help="Target rank for --method svd/ties/dare_*/magnitude_prune.")
+@click.option("--method", type=click.Choice(list(METHODS)),
+              help="Blend the sources with this method first (else each is folded with its weight). "
+                   "The options below need it.")
+@method_options
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard, e.g. 5GB, 500MB.")
 @click.option("--dtype", help="Output dtype of floating tensors: bfloat16, float16, float32 (default: the base's).")
 @click.option("--keep-unmerged", is_flag=True,
@@ -593,50 +669,27 @@ def blend(reg: _LazyRegistry, sources: tuple[str, ...], weights: str | None, met
 @allow_pickle_option
 @pass_registry
 def export_(reg: _LazyRegistry, sources: tuple[str, ...], base_dir: str, output: str, method: str | None,
-            rank: int | None, max_shard_size: str, dtype: str | None, keep_unmerged: bool, force: bool,
-            allow_pickle: bool) -> None:
-    """Fold adapters into the base and write a standard (sharded) safetensors checkpoint.
+            max_shard_size: str, dtype: str | None, keep_unmerged: bool, force: bool, allow_pickle: bool,
+            **kwargs: Any) -> None:
+    """Fold adapters into the base and write a standard (sharded) safetensors checkpoint, with every
+    other file of the base (config, tokenizer, sentence-transformers modules) copied.
 
     SRC is a registry reference, an adapter directory or a blend recipe (.json), optionally with
     =WEIGHT. Streams tensor by tensor: memory stays about one tensor whatever the model size.
     """
-    from adapterhub.export import export_merged
-    from adapterhub.recipe import Recipe, load_sources, run_recipe
+    from adapterhub.sources import export_sources
 
-    specs, weights = [], []
-    for src in sources:
-        path, sep, w = src.rpartition("=")
-        try:
-            weight = float(w) if sep else 1.0
-        except ValueError:
-            path, weight = src, 1.0
-        specs.append(path if sep and path else src)
-        weights.append(weight)
-    with _errors():
-        registry = None
-        if any(not Path(s).exists() for s in specs):
-            registry = reg.get()
-        adapters, provenance_sources = [], []
-        for spec, w in zip(specs, weights, strict=True):
-            if Path(spec).is_file():
-                recipe = Recipe.load(spec)
-                if recipe.sources and any("ref" in s for s in recipe.sources) and registry is None:
-                    registry = reg.get()
-                adapters.append(run_recipe(recipe, registry, allow_pickle=allow_pickle))
-                provenance_sources.append({"recipe": recipe.to_dict(), "weight": w})
-            else:
-                loaded, pinned = load_sources([spec], registry, allow_pickle=allow_pickle)
-                adapters += loaded
-                provenance_sources.append({**pinned[0], "weight": w})
-        if method:
-            from adapterhub.compose.blend import blend
-
-            options = {"rank": rank} if rank is not None else {}
-            adapters = [blend(adapters, weights, method, labels=specs, **options)]
-            weights = [1.0]
-        provenance = {"sources": provenance_sources, "method": method or "stack", "rank": rank}
-        result = export_merged(base_dir, adapters, output, weights=weights, max_shard_size=max_shard_size,
-                               dtype=dtype, keep_unmerged=keep_unmerged, provenance=provenance, overwrite=force)
+    options = _given_method_options(kwargs)
+    if options and method is None:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in options)
+        verb = "applies" if len(options) == 1 else "apply"
+        raise click.UsageError(f"{flags} {verb} only to a blend: add --method (e.g. --method svd), or drop "
+                               f"{'it' if len(options) == 1 else 'them'} (without --method every source is "
+                               "folded with its weight)")
+    result = export_sources(list(sources), base_dir, output, method=method, options=options, registry=reg.get,
+                            allow_pickle=allow_pickle, overwrite=force, max_shard_size=max_shard_size, dtype=dtype,
+                            keep_unmerged=keep_unmerged)
+    _warn(f"warning: {w}" for w in result.warnings)
     click.echo(f"wrote {len(result.shards)} shard(s), {_human(result.total_size)}, {len(result.folded)} tensors "
                f"changed -> {result.path}")
     for u in result.unmerged:

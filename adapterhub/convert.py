@@ -9,6 +9,8 @@ from adapterhub.base import BaseCheckpoint
 from adapterhub.compose.checks import Report, check_adapter
 from adapterhub.errors import UnsupportedAdapterError
 from adapterhub.formats import adapters_lib, read_adapter, write_adapter
+from adapterhub.formats._files import check_directory_target
+from adapterhub.paths import reading
 
 
 def model_root(base: BaseCheckpoint) -> str:
@@ -35,10 +37,21 @@ def convert_adapter(src: str | Path, out: str | Path, *, format: str = "peft", b
     With a base, the written adapter records the base's fingerprint, an ``adapters``-library
     prefix is materialised into PEFT's layout, and the ``adapters`` document gets the model class.
 
+    ``out`` may not be, contain or lie inside ``src`` or ``base`` (nor the registry or the current
+    directory): it is checked before anything is read.
+
     Raises:
         CompatibilityError: the adapter does not fit the base (the report is attached).
         UnsupportedAdapterError: the target format cannot hold this adapter exactly.
+        OutputPathError, FormatError, StorageError: ``out`` cannot be written (nothing was).
     """
+    with reading(src), reading(base, role="the base model this command reads"):
+        check_directory_target(out, overwrite=overwrite)
+        return _convert(src, out, format=format, base=base, overwrite=overwrite, allow_pickle=allow_pickle)
+
+
+def _convert(src: str | Path, out: str | Path, *, format: str, base: str | Path | None, overwrite: bool,
+             allow_pickle: bool) -> tuple[Path, Report | None]:
     adapter = read_adapter(src, allow_pickle=allow_pickle)
     report = None
     options: dict = {}

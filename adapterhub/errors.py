@@ -70,6 +70,37 @@ class CompatibilityError(AdapterHubError, ValueError):
         self.report = report
 
 
+# --- composition, recipes, export (h10-cli: moved here from their modules) ------------------------
+
+
+class BlendError(AdapterHubError, ValueError):
+    """A blend was asked for with options or inputs it cannot honour."""
+
+
+class BlendOptionError(BlendError):
+    """A blend method was given an option it does not take, or a value of the wrong type; nothing ran."""
+
+
+class MergeError(AdapterHubError, ValueError):
+    """Adapters could not be folded into the base (unfoldable kind, non-finite result)."""
+
+
+class RecipeError(AdapterHubError, ValueError):
+    """A recipe file is malformed or names sources that cannot be found."""
+
+
+class ExportError(AdapterHubError, ValueError):
+    """An export could not be done; nothing was written at the target."""
+
+
+class Aborted(AdapterHubError):
+    """Internal: another thread of the same streaming pipeline failed, so this one stops; the first
+    thread's error is the one raised to the caller."""
+
+    def __init__(self, message: str = "stopped because another part of the same operation failed.") -> None:
+        super().__init__(message)
+
+
 # --- registry --------------------------------------------------------------------------------------
 
 
@@ -112,20 +143,45 @@ class IntegrityError(RegistryError):
         self.actual = actual
 
 
-class StorageError(RegistryError, OSError):
-    """The registry's storage failed (disk full, permissions); nothing half-written was left."""
+# --- storage and output paths (h10-cli) -----------------------------------------------------------
+
+
+class StorageError(AdapterHubError, OSError):
+    """Reading or writing files failed (disk full, read-only, permissions); nothing half-written was left.
+
+    The root of adapterhub's I/O errors: raised by the registry, export, pull, convert and blend
+    outputs alike, and still caught by ``except OSError`` (``errno`` and ``filename`` are the original ones).
+    """
+
+    def __str__(self) -> str:  # the message, whatever errno/filename say (OSError would reformat it)
+        return str(self.args[0]) if self.args else ""
+
+
+class OutputPathError(AdapterHubError, ValueError):
+    """An output path was refused before anything was written: it is, contains or lies inside
+    something the command must not replace (the registry, the current directory, a source it reads),
+    or it already exists and replacing it was not asked for."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
 
 
 def storage_error(e: OSError, what: str, where: str = "the registry directory") -> StorageError:
     """A :class:`StorageError` for an OSError met while ``what``, with a hint (disk full, permissions)."""
-    if e.errno == errno.ENOSPC:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
         hint = "the disk is full; free space and retry (nothing half-written was kept)"
-    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    elif e.errno == errno.EROFS:
+        hint = f"{where} is on a read-only file system; write somewhere else"
+    elif e.errno == errno.ENOENT:
+        hint = f"check that {where} exists and accepts new files (/proc and /sys do not); write somewhere else"
+    elif e.errno in (errno.EACCES, errno.EPERM):
         hint = f"permission denied; check that you may write to {where}"
     else:
         hint = f"check the file system of {where}"
     err = StorageError(f"{what} failed: {e.strerror or e}.\n  fix: {hint}.")
     err.errno = e.errno
+    err.filename = e.filename
     return err
 
 

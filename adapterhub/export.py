@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import re
 import shutil
@@ -29,21 +30,19 @@ from adapterhub.adapter import Adapter
 from adapterhub.base import BaseCheckpoint
 from adapterhub.compose.merge import MergePlan, fold, plan_merge
 from adapterhub.dtypes import st_to_torch
-from adapterhub.errors import AdapterHubError, storage_error
+from adapterhub.errors import ExportError, storage_error
 from adapterhub.tensorfile import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
 
 if TYPE_CHECKING:
     import torch
 
-#: files copied from the base directory when present
-COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-          "special_tokens_map.json", "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt",
-          "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
+#: top-level files of the base that hold its weights (rewritten by the export, or stale copies of the
+#: unmerged weights in another format): never carried; every other file of the base is
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".ot")
+WEIGHT_INDEX = re.compile(r".+\.(safetensors|bin|pt|pth|h5|msgpack)\.index\.json")
+#: top-level folders of the base holding converted copies of its unmerged weights: never carried
+STALE_DIRS = ("onnx", "openvino")
 DTYPE_NAMES = {"float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "bfloat16": "BF16", "bf16": "BF16"}
-
-
-class ExportError(AdapterHubError, ValueError):
-    """An export could not be done; nothing was written at the target."""
 
 
 def parse_size(text: str | int) -> int:
@@ -52,7 +51,8 @@ def parse_size(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
     if not m:
-        raise ExportError(f"cannot read size {text!r}; use e.g. 5GB, 500MB, 2GiB.")
+        raise ExportError(f"cannot read the size {text!r}.\n  fix: write a number with a unit, e.g. 5GB, 500MB, "
+                          "2GiB.")
     unit = (m.group(2) or "B").upper()
     base = 1024 if "I" in unit else 1000
     power = "BKMGT".index(unit[0]) if unit[0] in "KMGT" else 0
@@ -68,6 +68,10 @@ class ExportResult:
     total_size: int
     folded: list[str]
     unmerged: list[str] = field(default_factory=list)
+    #: files of the base copied beside the weights (relative paths)
+    carried: list[str] = field(default_factory=list)
+    #: what the user should know: files left out and why, a missing config.json
+    warnings: list[str] = field(default_factory=list)
 
 
 def _shard_plan(tensors: list[tuple[str, str, tuple[int, ...]]], max_shard_size: int) -> list[list[int]]:
@@ -137,7 +141,8 @@ def export_merged(base_dir: str | Path, adapters: Sequence[Adapter], out: str | 
     if dtype is not None:
         out_dtype = DTYPE_NAMES.get(dtype.lower())
         if out_dtype is None:
-            raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(sorted(DTYPE_NAMES))}.")
+            raise ExportError(f"unknown dtype {dtype!r}.\n  fix: choose one of {', '.join(sorted(DTYPE_NAMES))} "
+                              "(or leave it out to keep the base's).")
     names = list(base.tensors)  # base order: shard by shard as the base is laid out
     entries = []
     for n in names:
@@ -174,10 +179,7 @@ def export_merged(base_dir: str | Path, adapters: Sequence[Adapter], out: str | 
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        for extra in COPIED:
-            src = base.path / extra
-            if src.is_file():
-                shutil.copyfile(src, tmp / extra)
+        carried, warnings = _carry_files(base, tmp)
         if out_dtype and (tmp / "config.json").is_file():
             config = json.loads((tmp / "config.json").read_text())
             torch_name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[out_dtype]
@@ -194,7 +196,54 @@ def export_merged(base_dir: str | Path, adapters: Sequence[Adapter], out: str | 
             write_adapter(a, tmp / "unmerged" / f"{i:02d}-{label}", format=fmt)
             unmerged.append(f"unmerged/{i:02d}-{label}")
         (tmp / "README.md").write_text(_model_card(base, provenance, plan, unmerged), encoding="utf-8")
-    return ExportResult(out, files, total, sorted(plan.folds), unmerged)
+    return ExportResult(out, files, total, sorted(plan.folds), unmerged, carried, warnings)
+
+
+def _stays_in_base(base: BaseCheckpoint, real: Path) -> bool:
+    """A resolved symlink target inside the base directory, or inside the ``blobs/`` of the Hugging
+    Face cache repository whose snapshot the base is."""
+    root = base.path.resolve()
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    return any(real.is_relative_to(a) for a in allowed)
+
+
+def _carry_files(base: BaseCheckpoint, dest: Path) -> tuple[list[str], list[str]]:
+    """Copy every file of the base except its weights (see :data:`WEIGHT_SUFFIXES`), its README (merged
+    into the model card) and hidden folders (``.git``, ``.cache``) into ``dest``, keeping the layout
+    (sentence-transformers' ``modules.json``, ``1_Pooling/`` ...). A symlink is followed only if it
+    stays inside the base directory (or, for a Hugging Face cache snapshot, inside that repository's
+    ``blobs/``); others are left out with a warning. Returns (carried, warnings)."""
+    weights = {p.resolve() for p in base.files}
+    carried, warnings = [], []
+    if not (base.path / "config.json").is_file():
+        warnings.append(f"{base.path} has no config.json, so the exported checkpoint has none either; "
+                        "transformers cannot load it without one. Copy the base's config.json into it.")
+    for top, dirs, files in os.walk(base.path):
+        here = Path(top)
+        rel_dir = here.relative_to(base.path)
+        at_top = rel_dir == Path(".")
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (at_top and d in STALE_DIRS))
+        for d in dirs:
+            if (here / d).is_symlink():
+                warnings.append(f"left out {(rel_dir / d).as_posix()}/: a symlinked folder is not followed.")
+        dirs[:] = [d for d in dirs if not (here / d).is_symlink()]
+        for name in sorted(files):
+            src, rel = here / name, (rel_dir / name).as_posix()
+            if at_top and (name.endswith(WEIGHT_SUFFIXES) or WEIGHT_INDEX.fullmatch(name) or name == "README.md"):
+                continue
+            real = src.resolve()
+            if real in weights:
+                continue
+            if src.is_symlink() and not _stays_in_base(base, real):
+                warnings.append(f"left out {rel}: a symlink to {real}, outside the base directory.")
+                continue
+            if not real.is_file():
+                warnings.append(f"left out {rel}: not a regular file.")
+                continue
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(real, dest / rel)
+            carried.append(rel)
+    return carried, warnings
 
 
 @dataclass
@@ -365,7 +414,19 @@ def _typed(data: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> to
 
 
 def _model_card(base: BaseCheckpoint, provenance: dict[str, Any], plan: MergePlan, unmerged: list[str]) -> str:
-    lines = ["---", "library_name: transformers", "tags: [adapterhub, merged]", "---", "",
+    """Our card (what was folded, from what), under the base card's front matter when it has one, and
+    the base's card below it."""
+    front, body = ["---", "library_name: transformers", "tags: [adapterhub, merged]", "---"], ""
+    readme = base.path / "README.md"
+    real = readme.resolve() if readme.exists() else None
+    if real is not None and real.is_file() and (not readme.is_symlink() or _stays_in_base(base, real)):
+        text = real.read_text(encoding="utf-8", errors="replace")
+        m = re.match(r"---\n(.*?\n)---\n?(.*)", text, re.DOTALL)
+        if m:
+            front, body = ["---", *m.group(1).rstrip("\n").split("\n"), "---"], m.group(2)
+        else:
+            body = text
+    lines = [*front, "",
              f"# {base.name_or_path or base.path.name} with adapters merged", "",
              "Exported by adapterhub: the adapters below are folded into the base weights (float32 accumulation, "
              "rounded once to the output dtype).", "", "## Provenance", "", "```json",
@@ -374,4 +435,6 @@ def _model_card(base: BaseCheckpoint, provenance: dict[str, Any], plan: MergePla
     if unmerged:
         lines += ["", "## Not merged", "", "These adapters add computation and cannot be folded; they are written "
                   "beside the checkpoint and must be loaded as adapters:", ""] + [f"- `{u}`" for u in unmerged]
+    if body.strip():
+        lines += ["", "## Model card of the base", "", body.strip("\n")]
     return "\n".join(lines) + "\n"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapterhub.errors import CorruptFileError
+from adapterhub.errors import Aborted, CorruptFileError
 
 if TYPE_CHECKING:
     import torch
@@ -34,10 +34,6 @@ ALIGN = 4096
 #: bytes a writer gathers before writing them as whole blocks
 STAGING_BYTES = 8 << 20
 _HAS_DIRECT = hasattr(os, "O_DIRECT")
-
-
-class Aborted(Exception):
-    """Another thread of the same pipeline failed; this one stops."""
 
 
 def aligned_empty(nbytes: int, align: int = ALIGN) -> torch.Tensor:

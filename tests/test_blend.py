@@ -267,17 +267,21 @@ def test_svd_default_rank_is_the_largest_input_rank(ads):
 @pytest.mark.parametrize("method", DENSE_METHODS)
 def test_dense_methods_are_deterministic(ads, method):
     adapters, weights = [ads["c4"], ads["d4"]], [0.7, 0.5]
-    one = blend(adapters, weights, method, rank=4, density=0.5, seed=3)
-    two = blend(adapters, weights, method, rank=4, density=0.5, seed=3)
-    other = blend(adapters, weights, method, rank=4, density=0.5, seed=4)
+    seed = (lambda s: {"seed": s}) if method in SEEDED_METHODS else (lambda s: {})
+    one = blend(adapters, weights, method, rank=4, density=0.5, **seed(3))
+    two = blend(adapters, weights, method, rank=4, density=0.5, **seed(3))
+    other = blend(adapters, weights, method, rank=4, density=0.5, **seed(4))
     assert sorted(one.tensors) == sorted(two.tensors) == sorted(other.tensors)
     assert all(torch.equal(one.tensors[n], two.tensors[n]) for n in one.tensors)
     differs = [n for n in one.tensors if not torch.equal(one.tensors[n], other.tensors[n])]
     if method in SEEDED_METHODS:
         assert len(differs) == len(one.tensors)  # every module draws its own mask from the seed
-    else:
-        assert differs == []  # nothing random: the seed does not matter
-    assert one.extra["blend"]["seed"] == 3 and one.extra["blend"]["density"] == 0.5
+        assert one.extra["blend"]["seed"] == 3
+    else:  # nothing random: these methods take no seed at all (a seed would be silently ignored)
+        assert differs == []
+        with pytest.raises(BlendError, match=f"blend method '{method}' takes no option\\(s\\) seed"):
+            blend(adapters, weights, method, seed=3)
+    assert one.extra["blend"]["density"] == 0.5
 
 
 @pytest.mark.parametrize("method", LORA_METHODS)
@@ -287,7 +291,7 @@ def test_weights_one_zero_return_input_zero(ads, method):
     first, second = ads["r2_qv"], ads["r8_qup"]
     options = {} if method in ("linear", "cat") else {"rank": 2}
     if method in DENSE_METHODS:
-        options.update(density=1.0, seed=5)
+        options.update(density=1.0, **({"seed": 5} if method in SEEDED_METHODS else {}))
     result = blend([first, second], [1.0, 0.0], method, **options)
     got, want = deltas(result), deltas(first)
     assert sorted(got) == sorted(set(want) | set(second.modules()))
@@ -303,7 +307,7 @@ def test_order_invariance(ads, method):
     a, b, weights = ads["pattern"], ads["r8_qup"], [0.8, -0.6]
     options = {} if method in ("linear", "cat") else {"rank": 4}
     if method in DENSE_METHODS:  # dare draws masks per input in order: compare at density 1
-        options.update(density=1.0 if method in SEEDED_METHODS else 0.4, seed=1)
+        options.update(density=1.0, seed=1) if method in SEEDED_METHODS else options.update(density=0.4)
     ab = blend([a, b], weights, method, **options)
     ba = blend([b, a], weights[::-1], method, **options)
     assert_deltas(deltas(ab), deltas(ba), 1e-6)
@@ -360,7 +364,7 @@ def test_dense_method_options_are_checked(ads):
             blend(adapters, [1, 1], "ties", density=bad)
     with pytest.raises(BlendError, match="majority_sign_method"):
         blend(adapters, [1, 1], "ties", majority_sign_method="median")
-    with pytest.raises(BlendError, match="rank must be >= 1"):
+    with pytest.raises(BlendError, match="option rank of blend method 'svd' is 0, out of range"):
         blend(adapters, [1, 1], "svd", rank=0)
 
 
@@ -379,7 +383,7 @@ def test_every_lora_method_reloads_in_peft(ads, llama_base, method, tmp_path, id
     adapters = [ads["pattern"], ads["r8_qup"], ads["rslora"]]
     options = {} if method in ("linear", "cat") else {"rank": 3}
     if method in DENSE_METHODS:
-        options.update(density=0.5, seed=1)
+        options.update(density=0.5, **({"seed": 1} if method in SEEDED_METHODS else {}))
     result = blend(adapters, [0.6, 0.4, -0.5], method, **options)
     if method not in DENSE_METHODS:  # dense re-factoring gives every module rank 3
         assert len({result.lora_rank(m) for m in result.modules()}) > 1 and result.spec.rank_pattern
@@ -417,7 +421,7 @@ def test_bf16_in_bf16_out(ads, method):
     adapters = [in_memory(ads["c4"], torch.bfloat16), in_memory(ads["r8_qup"], torch.bfloat16)]
     options = {} if method in ("linear", "cat") else {"rank": 4}
     if method in DENSE_METHODS:
-        options.update(density=0.5, seed=2)
+        options.update(density=0.5, **({"seed": 2} if method in SEEDED_METHODS else {}))
     result = blend(adapters, [0.5, 0.5], method, **options)
     assert {t.dtype for t in result.tensors.values()} == {torch.bfloat16}
     # the same values in float32 give the same blend up to the final rounding to bf16
@@ -669,5 +673,5 @@ def test_cli_blend_reports_incompatible_inputs(registry_cli, dirs, tmp_path):
     r = registry_cli("blend", dirs["c4"], dirs["ia3_a"], "-o", tmp_path / "out")
     assert r.exit_code == 1 and "error[kind-mismatch]" in r.output
     r = registry_cli("blend", dirs["c4"], dirs["d4"], "--method", "nope", "-o", tmp_path / "out")
-    assert r.exit_code == 1 and "choose one of" in r.output
+    assert r.exit_code == 2 and "'nope' is not one of 'linear', 'cat', 'svd'" in r.output  # a usage error
     assert not (tmp_path / "out").exists()

@@ -308,7 +308,7 @@ def test_read_commands_work_on_a_read_only_registry_and_writes_fail_in_one_line(
     registry_cli("push", ADAPTERS_LIB / "llama_lora", "team/b")
     with read_only_registry():
         for args in (["list"], ["list", "--json"], ["show", "team/a@prod"], ["verify"],
-                     ["pull", "team/a", "-o", tmp_path / "out"], ["gc", "--dry-run"]):
+                     ["pull", "team/a", "-o", tmp_path / "out", "--format", "peft"], ["gc", "--dry-run"]):
             result = registry_cli(*args)
             assert result.exit_code == 0, (args, result.output)
             assert "warning" not in result.stderr and "error" not in result.stderr, (args, result.stderr)

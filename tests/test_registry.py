@@ -1581,7 +1581,7 @@ def test_a_read_only_registry_can_be_read_and_refuses_writes_clearly(index, tmp_
         assert report.ok and report.versions == len(want), report.problems
         out = ro.pull("team/a", tmp_path / "pulled")
         assert dir_hashes(out) == dir_hashes(MINILM_LORA)
-        ro.pull("team/b@1", tmp_path / "peft", format="auto")
+        ro.pull("team/b@1", tmp_path / "peft", format="peft")  # converted on the way out
         assert detect(tmp_path / "peft") == "peft"
         _assert_same_tensors(adapterhub.load("team/a", registry=root), read_adapter(MINILM_LORA))
         for what, call in (("push", lambda: ro.push(MINILM_LORA, "c")), ("tag", lambda: ro.tag("team/a@1", "t")),

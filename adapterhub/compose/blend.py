@@ -23,6 +23,7 @@ averages of the materialised prefix values (equal lengths required).
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections import Counter
@@ -32,14 +33,68 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub.adapter import Adapter, BaseModelRef, IA3Spec, LoraSpec, PrefixSpec, Tensors
 from adapterhub.compose.checks import check_composable
-from adapterhub.errors import AdapterHubError
+from adapterhub.errors import BlendError, BlendOptionError
 
 if TYPE_CHECKING:
     import torch
 
 
-class BlendError(AdapterHubError, ValueError):
-    """A blend was asked for with options or inputs it cannot honour."""
+@dataclass(frozen=True)
+class Option:
+    """One option of a blend method: its name, type, default and help. The CLI builds its flags from
+    these, recipes are validated with them, and the docs list them.
+
+    ``default`` None means "computed from the inputs" (``help`` says how).
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    #: what the default is when ``default`` is None (computed from the inputs)
+    default_help: str = ""
+    #: the valid range of a number: ``minimum`` (excluded if ``exclusive_minimum``) to ``maximum``
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+
+    @property
+    def default_text(self) -> str:
+        return self.default_help if self.default is None else str(self.default)
+
+    def coerce(self, value: Any, method: str) -> Any:
+        """``value`` checked against the type and choices (an int is a valid float, a bool is no number).
+
+        Raises:
+            BlendOptionError: naming the method, the option and what it takes.
+        """
+        want = {int: "an integer", float: "a number", str: "a string"}[self.type]
+        ok = isinstance(value, self.type) and not isinstance(value, bool)
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise BlendOptionError(f"option {self.name} of blend method {method!r} must be {want}, not {value!r}.\n"
+                                   f"  fix: {self.name}: {self.help}.")
+        if self.type is float and not math.isfinite(value):
+            raise BlendOptionError(f"option {self.name} of blend method {method!r} must be finite, not {value!r}.")
+        if self.choices and value not in self.choices:
+            raise BlendOptionError(f"option {self.name} of blend method {method!r} must be one of "
+                                   f"{', '.join(self.choices)}, not {value!r}.\n  fix: {self.name}: {self.help}.")
+        low = self.minimum is not None and (value <= self.minimum if self.exclusive_minimum else value < self.minimum)
+        if low or (self.maximum is not None and value > self.maximum):
+            raise BlendOptionError(f"option {self.name} of blend method {method!r} is {value!r}, out of range.\n"
+                                   f"  fix: {self.name}: {self.help}.")
+        return value
+
+
+RANK = Option("rank", int, None, "target rank of every module, at least 1", default_help="the largest input rank",
+              minimum=1)
+DENSITY = Option("density", float, 0.5, "fraction of each delta's values kept, in (0, 1]", minimum=0.0,
+                 exclusive_minimum=True, maximum=1.0)
+SEED = Option("seed", int, 0, "seed of the random drops (the same seed gives the same result)")
+MAJORITY_SIGN = Option("majority_sign_method", str, "total", "how each value's sign is elected: total (sign of "
+                       "the weighted sum) or frequency (the more frequent sign)", choices=("total", "frequency"))
 
 
 @dataclass(frozen=True)
@@ -49,19 +104,63 @@ class Method:
     name: str
     fn: Callable[..., Adapter]
     kinds: frozenset[str]
-    options: tuple[str, ...]
+    options: tuple[Option, ...]
     summary: str
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.options)
+
+    def validate(self, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` checked against this method's table (names, types, choices), values coerced.
+
+        Raises:
+            BlendOptionError: an option this method does not take (listing those it takes) or a bad value.
+        """
+        unknown = sorted(set(options) - set(self.option_names))
+        if unknown:
+            raise BlendOptionError(
+                f"blend method {self.name!r} takes no option(s) {', '.join(unknown)}; it takes: "
+                f"{', '.join(self.option_names) or 'none'}.\n  fix: drop them, or choose a method that takes them "
+                f"({_takers(unknown)}).")
+        by_name = {o.name: o for o in self.options}
+        return {k: by_name[k].coerce(v, self.name) for k, v in options.items()}
 
 
 METHODS: dict[str, Method] = {}
 
 
-def method(name: str, *, kinds: Sequence[str], options: Sequence[str] = (), summary: str = "") -> Callable:
-    """Register a blend method; registering a name twice is an error."""
+def _takers(names: Sequence[str]) -> str:
+    """Which methods take all of ``names``, for a fix line."""
+    takers = [m.name for m in METHODS.values() if set(names) <= set(m.option_names)]
+    return ", ".join(takers) if takers else "no method takes them all"
+
+
+def all_options() -> dict[str, tuple[Option, list[str]]]:
+    """Every option of every method, in table order, with the methods that take it (what the CLI offers)."""
+    out: dict[str, tuple[Option, list[str]]] = {}
+    for m in METHODS.values():
+        for o in m.options:
+            known, takers = out.setdefault(o.name, (o, []))
+            if known != o:
+                raise ValueError(f"blend option {o.name!r} is declared differently by two methods")
+            takers.append(m.name)
+    return out
+
+
+def method(name: str, *, kinds: Sequence[str], options: Sequence[Option] = (), summary: str = "") -> Callable:
+    """Register a blend method; registering a name twice, or an option that is not a keyword-only
+    parameter of the function with the same default, is an error."""
 
     def deco(fn: Callable[..., Adapter]) -> Callable[..., Adapter]:
         if name in METHODS:
             raise ValueError(f"blend method {name!r} is registered twice")
+        params = inspect.signature(fn).parameters
+        for o in options:
+            p = params.get(o.name)
+            if p is None or p.kind is not inspect.Parameter.KEYWORD_ONLY or p.default != o.default:
+                raise ValueError(f"blend method {name!r}: option {o.name!r} must be a keyword-only parameter "
+                                 f"of {fn.__name__} with default {o.default!r}")
         METHODS[name] = Method(name, fn, frozenset(kinds), tuple(options), summary)
         return fn
 
@@ -235,7 +334,7 @@ def cat(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
     return result.replace(extra={"blend": {"method": "cat", "relative_error": {}}})
 
 
-@method("svd", kinds=["lora"], options=("rank",),
+@method("svd", kinds=["lora"], options=(RANK,),
         summary="best rank-k approximation of the exact sum, without building out x in matrices")
 def svd(adapters: Sequence[Adapter], weights: Sequence[float], *, rank: int | None = None) -> Adapter:
     modules, roles, dtypes = _lora_modules(adapters, weights)
@@ -316,12 +415,14 @@ def _dense_method(name: str) -> Callable[..., Adapter]:
     return run
 
 
-for _name, _summary in (("ties", "TIES merging on dense deltas, re-factored to rank k"),
-                        ("dare_linear", "DARE (random drop + rescale) then weighted sum, rank k; seeded"),
-                        ("dare_ties", "DARE then TIES sign election, rank k; seeded"),
-                        ("magnitude_prune", "magnitude pruning then weighted sum, rank k")):
-    method(_name, kinds=["lora"], options=("rank", "density", "seed", "majority_sign_method"),
-           summary=_summary)(_dense_method(_name))
+# each preset takes exactly the options it uses: a seed only where values are dropped at random, a
+# sign election method only where signs are elected
+for _name, _options, _summary in (
+        ("ties", (RANK, DENSITY, MAJORITY_SIGN), "TIES merging on dense deltas, re-factored to rank k"),
+        ("dare_linear", (RANK, DENSITY, SEED), "DARE (random drop + rescale) then weighted sum, rank k; seeded"),
+        ("dare_ties", (RANK, DENSITY, SEED, MAJORITY_SIGN), "DARE then TIES sign election, rank k; seeded"),
+        ("magnitude_prune", (RANK, DENSITY), "magnitude pruning then weighted sum, rank k")):
+    method(_name, kinds=["lora"], options=_options, summary=_summary)(_dense_method(_name))
 
 
 # --- other kinds -----------------------------------------------------------------------------------
@@ -394,7 +495,8 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, m
         CompatibilityError: the adapters do not fit together.
     """
     if method not in METHODS:
-        raise BlendError(f"unknown blend method {method!r}; choose one of: {', '.join(sorted(METHODS))}.")
+        raise BlendOptionError(f"unknown blend method {method!r}; choose one of: {', '.join(sorted(METHODS))}.\n"
+                               "  fix: pick one of them (the README's blend table says what each does).")
     spec = METHODS[method]
     adapters = list(adapters)
     if not adapters:
@@ -404,10 +506,7 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, m
         raise BlendError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s); give one weight per adapter.")
     if not all(math.isfinite(w) for w in weights):
         raise BlendError("weights must be finite numbers.")
-    unknown = set(options) - set(spec.options)
-    if unknown:
-        raise BlendError(f"method {method!r} takes no option(s) {', '.join(sorted(unknown))}; it takes: "
-                         f"{', '.join(spec.options) or 'none'}.")
+    options = spec.validate(options)
     kind = adapters[0].kind
     if kind not in spec.kinds:
         raise BlendError(f"method {method!r} does not blend {kind} adapters; for {kind} use: "

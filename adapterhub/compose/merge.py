@@ -15,15 +15,11 @@ from typing import TYPE_CHECKING
 from adapterhub.adapter import Adapter
 from adapterhub.base import BaseCheckpoint
 from adapterhub.compose.checks import check_adapter
-from adapterhub.errors import AdapterHubError
+from adapterhub.errors import MergeError
 from adapterhub.tensorfile import load_tensor
 
 if TYPE_CHECKING:
     import torch
-
-
-class MergeError(AdapterHubError, ValueError):
-    """Adapters could not be folded into the base (unfoldable kind, non-finite result)."""
 
 
 @dataclass(frozen=True)

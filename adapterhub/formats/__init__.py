@@ -13,6 +13,7 @@ from adapterhub.adapter import Adapter
 from adapterhub.errors import MissingFileError, UnknownFormatError
 from adapterhub.formats import adapters_lib, native, peft
 from adapterhub.formats._files import read_json
+from adapterhub.paths import shown
 
 FormatName = Literal["peft", "adapters", "adapterhub"]
 FORMATS: tuple[str, ...] = ("peft", "adapters", "adapterhub")
@@ -27,10 +28,12 @@ def detect(path: str | Path) -> str:
     """
     path = Path(path)
     if not path.exists():
-        raise MissingFileError(f"{path} does not exist.", path=path)
+        raise MissingFileError(f"{shown(path)} does not exist.\n  fix: check the path (an adapter is a directory "
+                               "holding adapter_config.json).", path=path)
     if not path.is_dir():
         raise UnknownFormatError(
-            f"{path} is a file; pass the adapter's directory (the one holding adapter_config.json).", path=path)
+            f"{shown(path)} is a file.\n  fix: pass the adapter's directory (the one holding adapter_config.json).",
+            path=path)
     if native.is_native_dir(path):
         return "adapterhub"
     cfg_path = path / peft.CONFIG_NAME
@@ -41,16 +44,17 @@ def detect(path: str | Path) -> str:
         if adapters_lib.is_adapters_config(cfg):
             return "adapters"
         raise UnknownFormatError(
-            f"{cfg_path} is neither a PEFT config (no 'peft_type') nor an `adapters` library config "
-            "(no 'config' + 'model_class').", path=cfg_path)
+            f"{shown(cfg_path)} is neither a PEFT config (no 'peft_type') nor an `adapters` library config "
+            "(no 'config' + 'model_class').\n  fix: pass a directory saved by PEFT (save_pretrained) or the "
+            "`adapters` library (save_adapter).", path=cfg_path)
     nested = sorted(p.name for p in path.iterdir() if p.is_dir() and (p / peft.CONFIG_NAME).is_file())
     if nested:
         raise UnknownFormatError(
-            f"{path} holds several adapters ({', '.join(nested)}); pass one of them, e.g. {path / nested[0]}.",
-            path=path)
+            f"{shown(path)} holds several adapters ({', '.join(nested)}).\n  fix: pass one of them, e.g. "
+            f"{shown(path / nested[0])}.", path=path)
     raise UnknownFormatError(
-        f"{path} holds no adapter: expected adapter_config.json (PEFT or `adapters` library) or adapterhub.json.",
-        path=path)
+        f"{shown(path)} holds no adapter: expected adapter_config.json (PEFT or `adapters` library) or "
+        "adapterhub.json.\n  fix: pass the directory the adapter was saved to.", path=path)
 
 
 def read_adapter(path: str | Path, *, format: str | None = None, allow_pickle: bool = False) -> Adapter:
@@ -68,7 +72,7 @@ def read_adapter(path: str | Path, *, format: str | None = None, allow_pickle: b
         return adapters_lib.read(path, allow_pickle=allow_pickle)
     if fmt == "adapterhub":
         return native.read(path)
-    raise UnknownFormatError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    raise UnknownFormatError(f"unknown format {fmt!r}.\n  fix: choose one of {', '.join(FORMATS)}.")
 
 
 def write_adapter(adapter: Adapter, path: str | Path, *, format: str = "peft", overwrite: bool = False,
@@ -80,7 +84,7 @@ def write_adapter(adapter: Adapter, path: str | Path, *, format: str = "peft", o
         return adapters_lib.write(adapter, path, overwrite=overwrite, **options)
     if format == "adapterhub":
         return native.write(adapter, path, overwrite=overwrite)
-    raise UnknownFormatError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}.")
+    raise UnknownFormatError(f"unknown format {format!r}.\n  fix: choose one of {', '.join(FORMATS)}.")
 
 
 __all__ = ["FORMATS", "detect", "read_adapter", "write_adapter"]

@@ -21,7 +21,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub import _json
-from adapterhub.errors import CorruptFileError, FormatError, MissingFileError, PickleRefusedError, UnsafeLinkError
+from adapterhub.errors import (
+    AdapterHubError,
+    CorruptFileError,
+    FormatError,
+    MissingFileError,
+    OutputPathError,
+    PickleRefusedError,
+    UnsafeLinkError,
+    storage_error,
+)
+from adapterhub.paths import check_output, dir_mode, shown
 from adapterhub.tensorfile import TensorInfo, read_header
 
 if TYPE_CHECKING:
@@ -200,33 +210,73 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
+def check_directory_target(target: str | Path, *, overwrite: bool = False) -> Path:
+    """What :func:`atomic_directory` checks before it creates anything (call it early to fail before
+    long work): the output-path guard (:func:`adapterhub.paths.check_output`), and an existing
+    non-empty ``target`` only with ``overwrite``.
+
+    Raises:
+        OutputPathError: the guard refused the path, or it is a file.
+        FormatError: it exists and is not empty, and ``overwrite`` is false.
+    """
+    target = check_output(target, replace=overwrite)
+    try:
+        if target.exists() and not target.is_dir():
+            raise OutputPathError(f"{shown(target)} is a file, not a directory; adapterhub writes a directory there.\n"
+                                  "  fix: choose a directory path (a file is never replaced by one).", path=target)
+        occupied = target.exists() and not (target.is_dir() and not any(target.iterdir()))
+    except OSError as e:
+        raise storage_error(e, f"looking at {target}", str(target)) from e
+    if occupied and not overwrite:
+        raise FormatError(
+            f"{target} already exists and is not empty.\n  fix: choose a new directory, or pass "
+            "overwrite=True (CLI: --force) to replace it.", path=target)
+    return target
+
+
 @contextmanager
 def atomic_directory(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; on success it is renamed to ``target``.
 
-    On any exception the temporary directory is removed and ``target`` is untouched.
+    The target is checked first (:func:`check_directory_target`). The finished directory follows
+    the umask (folders 0755, files 0644 under 022), not the 0700/0600 of temp files; hard-linked
+    files (``pull --link``) keep their mode.
+    On any exception the temporary directory is removed and ``target`` is untouched; an OSError
+    becomes a :class:`StorageError` that names the target and what to do.
     """
-    target = Path(target)
-    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
-        if not overwrite:
-            raise FormatError(
-                f"{target} already exists and is not empty.\n  fix: choose a new directory, or pass "
-                "overwrite=True (CLI: --force) to replace it.", path=target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    target = check_directory_target(target, overwrite=overwrite)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as e:
+        raise storage_error(e, f"creating {target}", str(target.parent)) from e
     try:
         yield tmp
+        dmode = dir_mode()
+        fmode = dmode & 0o666
         for p in tmp.rglob("*"):
-            if p.is_file():
+            st = p.lstat()
+            if stat.S_ISDIR(st.st_mode):
+                os.chmod(p, dmode)
+            elif stat.S_ISREG(st.st_mode):
+                if st.st_nlink == 1:  # ours (some writers create 0600); a hard link shares a registry blob's mode
+                    os.chmod(p, fmode)
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
+        os.chmod(tmp, dmode)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_symlink():  # the target was a link to a directory: the link is replaced, not what it names
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, AdapterHubError):
+            raise storage_error(e, f"writing {target}" + (f" ({e.filename})" if e.filename else ""),
+                                str(target.parent)) from e
         raise
