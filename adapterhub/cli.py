@@ -647,6 +647,8 @@ def blend(reg: _LazyRegistry, ctx: click.Context, sources: tuple[str, ...], weig
         click.echo(f"truncation: relative error max {t['max']:.3g} ({t['module']}), mean {t['mean']:.3g} over "
                    f"{t['modules']} modules", err=True)
     if outcome.pushed is not None:
+        if outcome.pushed.duplicate:
+            click.echo(f"{outcome.pushed.ref} already holds identical content; nothing pushed")
         click.echo(f"{outcome.pushed.ref} {outcome.pushed.digest}")
     else:
         click.echo(f"wrote {outcome.recipe.method} blend to {outcome.path}")

@@ -202,6 +202,8 @@ def test_pull_defaults_to_peft_for_a_blend_and_show_prints_r_alpha_targets(regis
     a, b = ADAPTERS_LIB / "llama_lora", ADAPTERS_LIB / "llama_lora_all"
     blended = registry_cli("blend", a, b, "--weights", "0.6,0.4", "--method", "cat", "--push", "team/blend")
     assert blended.exit_code == 0, blended.output
+    again = registry_cli("blend", a, b, "--weights", "0.6,0.4", "--method", "cat", "--push", "team/blend")
+    assert again.stdout.splitlines()[0] == "team/blend@1 already holds identical content; nothing pushed"
     pulled = registry_cli("pull", "team/blend", "-o", tmp_path / "pulled")
     assert pulled.exit_code == 0
     assert pulled.stderr == ("note: converted from the stored adapterhub format to PEFT (--format adapterhub writes "
@@ -321,3 +323,15 @@ def test_read_commands_work_on_a_read_only_registry_and_writes_fail_in_one_line(
             assert lines[0].startswith("error: cannot ") and lines[0].endswith(f"the registry at {tmp_path / 'reg'} "
                                                                                "is read-only.")
             assert len(lines) == 2 and lines[1].startswith("  fix: ") and "Traceback" not in result.output
+
+
+def test_rm_of_a_tag_is_refused_and_names_both_fixes(registry_cli):
+    registry_cli("push", ADAPTERS_LIB / "minilm_lora", "t/a", "--tag", "prod")
+    result = registry_cli("rm", "t/a@prod")
+    assert result.exit_code == 2
+    assert result.stderr == ("error: 't/a@prod' is a tag (it points at t/a@1); rm takes a version.\n"
+                             "  fix: `adapterhub untag t/a prod` removes the tag; `adapterhub rm t/a@1` removes the "
+                             "version.\n")
+    assert registry_cli("rm", "t/a@latest").exit_code == 2
+    assert registry_cli("show", "t/a@1").exit_code == 0, "nothing was removed"
+    assert registry_cli("rm", "t/a@1").exit_code == 0

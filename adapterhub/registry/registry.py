@@ -738,6 +738,11 @@ class Registry:
         if r.label is None and r.digest is None:
             raise InvalidReferenceError(f"say which version of '{r.name}' to remove: {r.name}@VERSION.", ref=ref)
         res = self.resolve(r)
+        if r.label is not None and r.label != res.version:  # a tag: removing what it points at is rarely meant
+            raise InvalidReferenceError(
+                f"'{ref}' is a tag (it points at {res.ref}); rm takes a version.\n"
+                f"  fix: `adapterhub untag {res.name} {r.label}` removes the tag; `adapterhub rm {res.ref}` removes "
+                "the version.", ref=ref)
         self._require_writable("remove a version")
         index = self.index
         with self._gc_shared(), self._name_lock(res.name):
