@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from adapterhub.adapter import Adapter
+    from adapterhub.runtime.attached import Attached
 
 __version__ = "0.1.0"
+
+#: names served lazily, so that ``import adapterhub`` imports neither torch nor the runtime
+_LAZY = {"Sum": "adapterhub.runtime.compose", "Stack": "adapterhub.runtime.compose",
+         "Average": "adapterhub.runtime.compose", "Attached": "adapterhub.runtime.attached"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'adapterhub' has no attribute {name!r}")
 
 
 def load(ref: str, *, registry: str | Path | None = None, allow_pickle: bool = False) -> Adapter:
@@ -19,3 +33,41 @@ def load(ref: str, *, registry: str | Path | None = None, allow_pickle: bool = F
     from adapterhub.registry import Registry
 
     return Registry(registry).load(ref, allow_pickle=allow_pickle)
+
+
+def attach(model: Any, composition: Any, *, registry: str | Path | None = None, allow_pickle: bool = False,
+           merge: bool = False, prefix_positions: str = "auto") -> Attached:
+    """Apply a composition to a live transformers model without touching its weights.
+
+    A leaf of ``composition`` is an :class:`~adapterhub.adapter.Adapter`, an adapter directory (any
+    format) or a registry reference; blocks are ``Sum``, ``Stack`` and ``Average``. Everything is read
+    and checked against the model before anything is attached. See
+    :func:`adapterhub.runtime.attached.attach` for the options and errors.
+
+    Example:
+        >>> from adapterhub import attach, Stack, Sum
+        >>> with attach(model, Stack("bn-task", Sum("team/a@prod", "lora-b", weights=[0.7, 0.3]))):  # doctest: +SKIP
+        ...     out = model(**batch)
+    """
+    from adapterhub.runtime.attached import attach as _attach
+
+    return _attach(model, composition, merge=merge, prefix_positions=prefix_positions,
+                   resolve=lambda leaf: resolve_adapter(leaf, registry=registry, allow_pickle=allow_pickle))
+
+
+def resolve_adapter(leaf: Any, *, registry: str | Path | None = None, allow_pickle: bool = False) -> Adapter:
+    """An Adapter as is; an existing directory read in its format; any other string a registry reference."""
+    from adapterhub.adapter import Adapter
+
+    if isinstance(leaf, Adapter):
+        return leaf
+    if isinstance(leaf, os.PathLike) or (isinstance(leaf, str) and Path(leaf).is_dir()):
+        from adapterhub.formats import read_adapter
+
+        return read_adapter(leaf, allow_pickle=allow_pickle)
+    if isinstance(leaf, str):
+        return load(leaf, registry=registry, allow_pickle=allow_pickle)
+    from adapterhub.errors import CompositionError
+
+    raise CompositionError(f"a composition leaf must be an Adapter, an adapter directory or a registry reference, "
+                           f"not {type(leaf).__name__}.")

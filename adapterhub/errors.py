@@ -202,3 +202,31 @@ class AmbiguousReferenceError(InvalidReferenceError):
     def __init__(self, message: str, *, ref: str | None = None, candidates: tuple[str, ...] = ()) -> None:
         super().__init__(message, ref=ref)
         self.candidates = candidates
+
+
+# --- runtime composition (adapterhub.runtime) ------------------------------------------------------
+
+
+class CompositionError(AdapterHubError, ValueError):
+    """A composition tree is malformed (an empty block, wrong weights, a kind a block cannot hold).
+
+    Raised before anything touches the model.
+    """
+
+
+class AttachError(CompatibilityError):
+    """A composition does not fit the live model; the model was left exactly as it was.
+
+    ``reports`` holds one :class:`adapterhub.compose.checks.Report` per adapter that failed (the
+    report ``adapterhub check`` prints, plus what the runtime cannot run); ``report`` is the first.
+    """
+
+    def __init__(self, message: str, *, reports: list[object] | None = None) -> None:
+        reports = list(reports or [])
+        super().__init__(message, report=reports[0] if reports else None)
+        self.reports = reports
+
+
+class AttachedStateError(AdapterHubError, RuntimeError):
+    """An operation does not fit the state of an attachment (detached already, a second attachment on
+    one model, a module's forward replaced by someone else after attaching)."""

@@ -1,4 +1,8 @@
-"""Compatibility checks: an adapter against a base checkpoint, and adapters against each other.
+"""Compatibility checks: an adapter against a base model, and adapters against each other.
+
+The base is anything that satisfies :class:`BaseView`: a checkpoint directory
+(:class:`adapterhub.base.BaseCheckpoint`) or a live model (:class:`adapterhub.runtime.view.LiveModel`),
+so ``adapterhub check`` and ``adapterhub.attach`` run the same checks.
 
 Every check returns a :class:`Report` listing each problem with what, where and what to do; nothing
 is raised for an incompatibility (``Report.raise_for_errors()`` does that on request).
@@ -7,18 +11,56 @@ is raised for an incompatibility (``Report.raise_for_errors()`` does that on req
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 from adapterhub.adapter import Adapter, BaseModelRef
-from adapterhub.base import BaseCheckpoint
 from adapterhub.errors import CompatibilityError
-from adapterhub.tensorfile import FLOAT_DTYPES, TensorInfo
+from adapterhub.tensorfile import FLOAT_DTYPES
 
 Severity = Literal["error", "warning", "info"]
 #: leading path components an adapter's module names may have that the checkpoint's lack, or vice versa
 MAX_PREFIX_PARTS = 2
+
+
+class TensorMeta(Protocol):
+    """A base tensor as the checks see it: name, safetensors dtype name (``"BF16"``), shape."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+class BaseView(Protocol):
+    """What the checks read of a base model, on disk or live.
+
+    ``path`` names it in reports; ``tensors`` maps every weight name to its :class:`TensorMeta`;
+    ``modules`` maps a module path to its weight's name; ``fingerprint()`` is None where it cannot be
+    computed (a live model: its tensors may have been cast or tied since loading).
+    """
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def tensors(self) -> Mapping[str, TensorMeta]: ...
+    @property
+    def modules(self) -> Mapping[str, str]: ...
+    @property
+    def name_or_path(self) -> str | None: ...
+    @property
+    def hidden_size(self) -> int | None: ...
+    @property
+    def num_layers(self) -> int | None: ...
+    @property
+    def num_kv_heads(self) -> int | None: ...
+    @property
+    def head_dim(self) -> int | None: ...
+    def fingerprint(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -106,7 +148,7 @@ def resolve_module(module: str, base_modules: Sequence[str] | dict[str, Any]) ->
     return None, []
 
 
-def _resolve_tensor(name: str, base: BaseCheckpoint) -> str | None:
+def _resolve_tensor(name: str, base: BaseView) -> str | None:
     """Base tensor for a carried adapter tensor (``lm_head.weight``, ``...embed_tokens.base_layer.weight``)."""
     plain = name.replace(".modules_to_save.", ".").replace(".base_layer.", ".")
     module, _, param = plain.rpartition(".")
@@ -118,7 +160,7 @@ def _resolve_tensor(name: str, base: BaseCheckpoint) -> str | None:
 # --- adapter vs base ---------------------------------------------------------------------------
 
 
-def check_adapter(adapter: Adapter, base: BaseCheckpoint, *, subject: str | None = None,
+def check_adapter(adapter: Adapter, base: BaseView, *, subject: str | None = None,
                   strict_identity: bool = False) -> Report:
     """Check that ``adapter`` applies to ``base``: targets, shapes, dtypes, kind rules, base identity.
 
@@ -143,10 +185,14 @@ def check_adapter(adapter: Adapter, base: BaseCheckpoint, *, subject: str | None
                   problems=tuple(c.problems), resolved=resolved)
 
 
-def _check_identity(ref: BaseModelRef, base: BaseCheckpoint, c: _Collector, strict: bool) -> None:
+def _check_identity(ref: BaseModelRef, base: BaseView, c: _Collector, strict: bool) -> None:
     if ref.fingerprint:
         actual = base.fingerprint()
-        if actual != ref.fingerprint:
+        if actual is None:
+            c.add("info", "base-fingerprint", str(base.path),
+                  "the adapter records its base's fingerprint, which cannot be computed for this base (a live model)",
+                  "to compare it, run `adapterhub check ADAPTER --base DIR` on the checkpoint the model came from")
+        elif actual != ref.fingerprint:
             c.add("error", "base-fingerprint", str(base.path),
                   f"the adapter was trained on a base with fingerprint {ref.fingerprint[:16]}..., this checkpoint "
                   f"has {actual[:16]}... (same architecture, different weights)",
@@ -163,7 +209,7 @@ def _norm(name: str) -> str:
     return "/".join(name.rstrip("/").split("/")[-2:]).lower()
 
 
-def _resolve(module: str, base: BaseCheckpoint, c: _Collector) -> str | None:
+def _resolve(module: str, base: BaseView, c: _Collector) -> str | None:
     match, candidates = resolve_module(module, base.modules)
     if match is None:
         if candidates:
@@ -187,8 +233,8 @@ def _check_dtypes(adapter: Adapter, names: dict[str, str], where: str, c: _Colle
               "they are computed in float32; re-export in one dtype to silence this")
 
 
-def _targets(adapter: Adapter, base: BaseCheckpoint, c: _Collector,
-             resolved: dict[str, str]) -> Iterator[tuple[str, dict[str, str], TensorInfo]]:
+def _targets(adapter: Adapter, base: BaseView, c: _Collector,
+             resolved: dict[str, str]) -> Iterator[tuple[str, dict[str, str], TensorMeta]]:
     """Each adapter module whose base weight resolves: (module, role -> tensor name, base weight)."""
     for m in adapter.modules():
         target = _resolve(m, base, c)
@@ -201,7 +247,7 @@ def _targets(adapter: Adapter, base: BaseCheckpoint, c: _Collector,
         yield m, names, w
 
 
-def _check_lora(adapter: Adapter, base: BaseCheckpoint, c: _Collector, resolved: dict[str, str]) -> None:
+def _check_lora(adapter: Adapter, base: BaseView, c: _Collector, resolved: dict[str, str]) -> None:
     spec = adapter.spec
     dtype_note: set[str] = set()
     for m, names, w in _targets(adapter, base, c, resolved):
@@ -257,7 +303,7 @@ def _check_lora(adapter: Adapter, base: BaseCheckpoint, c: _Collector, resolved:
               "folding computes in float32 and rounds once to the base dtype", "")
 
 
-def _check_ia3(adapter: Adapter, base: BaseCheckpoint, c: _Collector, resolved: dict[str, str]) -> None:
+def _check_ia3(adapter: Adapter, base: BaseView, c: _Collector, resolved: dict[str, str]) -> None:
     spec = adapter.spec
     for m, names, w in _targets(adapter, base, c, resolved):
         if len(w.shape) != 2:
@@ -276,7 +322,7 @@ def _check_ia3(adapter: Adapter, base: BaseCheckpoint, c: _Collector, resolved: 
                   hint)
 
 
-def _check_carried(adapter: Adapter, base: BaseCheckpoint, c: _Collector, resolved: dict[str, str]) -> None:
+def _check_carried(adapter: Adapter, base: BaseView, c: _Collector, resolved: dict[str, str]) -> None:
     for name in adapter.carried():
         target = _resolve_tensor(name, base)
         if target is None:
@@ -290,7 +336,7 @@ def _check_carried(adapter: Adapter, base: BaseCheckpoint, c: _Collector, resolv
                   "resize the base (e.g. its vocabulary) to match, or use the base the adapter was trained on")
 
 
-def _check_prefix(adapter: Adapter, base: BaseCheckpoint, c: _Collector) -> None:
+def _check_prefix(adapter: Adapter, base: BaseView, c: _Collector) -> None:
     s = adapter.spec
     layers, kv, hd = base.num_layers, base.num_kv_heads, base.head_dim
     for what, have, want, fix in (
@@ -319,7 +365,7 @@ def _check_prefix(adapter: Adapter, base: BaseCheckpoint, c: _Collector) -> None
 _LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
-def _check_bottleneck(adapter: Adapter, base: BaseCheckpoint, c: _Collector, resolved: dict[str, str]) -> None:
+def _check_bottleneck(adapter: Adapter, base: BaseView, c: _Collector, resolved: dict[str, str]) -> None:
     s = adapter.spec
     hidden = base.hidden_size
     if hidden is None:
