@@ -70,7 +70,8 @@ class Attached:
     def __init__(self, model: nn.Module, original: Block, tree: Block, *, merge: bool, prefix_positions: str,
                  resolve: Callable[[Any], Adapter] | None) -> None:
         self.model = model
-        self._original = original
+        self._user = original  # the tree as passed (blocks found by identity; never replaced)
+        self._given = list(original.leaves())  # the leaves as passed, updated by swap
         self._resolve = resolve
         self._merge = merge
         self._prefix_positions = prefix_positions
@@ -163,9 +164,7 @@ class Attached:
         """
         self._require_attached()
         path = self._path_of(block)
-        original = self._original.with_weights(path, weights)
         self._apply(self._tree.with_weights(path, weights))
-        self._original = original
 
     def swap(self, old: Any, new: Any) -> None:
         """Replace the adapter ``old`` (everywhere it occurs) by ``new`` of the same kind, without re-wrapping.
@@ -184,16 +183,15 @@ class Attached:
         counter = iter(range(1 << 30))
         tree = self._tree.map_leaves(lambda leaf: resolved if next(counter) in indices else leaf)
         self._apply(tree)
-        counter = iter(range(1 << 30))
-        self._original = self._original.map_leaves(lambda leaf: new if next(counter) in indices else leaf)
+        for i in indices:
+            self._given[i] = new
 
     def _leaf_indices(self, old: Any) -> list[int]:
         if isinstance(old, int) and not isinstance(old, bool):
             if not 0 <= old < len(self.adapters):
                 raise CompositionError(f"there is no leaf #{old}; the composition has {len(self.adapters)}.")
             return [old]
-        originals = list(self._original.leaves())
-        found = [i for i, (o, a) in enumerate(zip(originals, self.adapters, strict=True))
+        found = [i for i, (o, a) in enumerate(zip(self._given, self.adapters, strict=True))
                  if o is old or a is old or (isinstance(old, str) and (o == old or label(a, i) == old))]
         if not found:
             raise CompositionError(f"{old!r} is not part of the attached composition {self._tree!r}.\n"
@@ -204,7 +202,7 @@ class Attached:
         if block is None:
             return ()
         if isinstance(block, Block):
-            path = self._original.find(block)
+            path = self._user.find(block)
             if path is None:
                 path = self._tree.find(block)
             if path is None:

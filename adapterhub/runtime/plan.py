@@ -97,13 +97,14 @@ def make_plan(model: nn.Module, tree: Block, *, merge: bool = False, prefix_posi
     validate(tree, kind_of)
     live = LiveModel(model)
     arch = archmod.arch_for(live.model_type)
+    names = _module_names(model)
     reports = reports if reports is not None else {}
     failed: list[Report] = []
     distinct = list({id(a): (i, a) for i, a in reversed(list(enumerate(leaves)))}.values())[::-1]
     for i, a in distinct:
         if id(a) not in reports:
             base = check_adapter(a, live, subject=label(a, i))
-            extra = _runtime_problems(a, base, live, arch, model)
+            extra = _runtime_problems(a, base, live, arch, model, names)
             reports[id(a)] = Report(base.subject, base.against, base.problems + tuple(extra), base.resolved)
         if not reports[id(a)].ok:
             failed.append(reports[id(a)])
@@ -122,7 +123,7 @@ def make_plan(model: nn.Module, tree: Block, *, merge: bool = False, prefix_posi
             "stack prefixes from one library, or force one convention with prefix_positions="),)))
     if failed:
         raise _attach_error(failed, live)
-    return _build(model, tree, leaves, live, arch, reports, merge, prefix_positions, _Loaded(tensor_cache))
+    return _build(model, tree, leaves, live, arch, reports, merge, prefix_positions, _Loaded(tensor_cache), names)
 
 
 def _attach_error(failed: list[Report], live: LiveModel) -> AttachError:
@@ -143,7 +144,7 @@ def _convention(a: Adapter, forced: str) -> str:
 
 
 def _runtime_problems(a: Adapter, report: Report, live: LiveModel, arch: archmod.Arch | None,
-                      model: nn.Module) -> list[Problem]:
+                      model: nn.Module, names: dict[str, nn.Module]) -> list[Problem]:
     """What ``check_adapter`` accepts but the runtime cannot run."""
     out: list[Problem] = []
 
@@ -183,7 +184,7 @@ def _runtime_problems(a: Adapter, report: Report, live: LiveModel, arch: archmod
                 err("runtime-location", loc, f"no {arch.name} placement for this location; the table knows "
                     f"{', '.join(arch.bottleneck)}", "add it to the row in adapterhub/runtime/arch.py")
                 continue
-            if resolve_module(split[0], _module_names(model))[0] is None:
+            if resolve_module(split[0], names)[0] is None:
                 err("target-missing", loc, f"the layer {split[0]} is not a module of this model",
                     "the adapter was made for another architecture or depth")
     elif a.kind == "prefix":
@@ -194,20 +195,21 @@ def _runtime_problems(a: Adapter, report: Report, live: LiveModel, arch: archmod
     return out
 
 
-def _module_names(model: nn.Module) -> dict[str, None]:
-    return {n: None for n, _ in model.named_modules() if n}
+def _module_names(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if n}
 
 
 # --- payloads ------------------------------------------------------------------------------------
 
 
 def _build(model: nn.Module, tree: Block, leaves: list[Adapter], live: LiveModel, arch: archmod.Arch | None,
-           reports: dict[int, Report], merge: bool, prefix_positions: str, loaded: _Loaded) -> Plan:
+           reports: dict[int, Report], merge: bool, prefix_positions: str, loaded: _Loaded,
+           names: dict[str, nn.Module]) -> Plan:
     plan = Plan(reports=[reports[id(a)] for a in {id(a): a for a in leaves}.values()])
     _linear_sites(model, tree, leaves, reports, merge, loaded, plan)
     if arch is not None:
-        _bottleneck_sites(model, tree, leaves, arch, loaded, plan)
-        _prefix_site(model, tree, leaves, live, prefix_positions, plan)
+        _bottleneck_sites(model, tree, leaves, arch, loaded, plan, names)
+        _prefix_site(model, tree, leaves, live, prefix_positions, plan, names)
     bad = [(a, loaded.bad[id(a)]) for a in {id(a): a for a in leaves}.values() if id(a) in loaded.bad]
     if bad:
         failed = [Report(label(a, 0), str(live.path), tuple(
@@ -257,12 +259,11 @@ def _linear_sites(model: nn.Module, tree: Block, leaves: list[Adapter], reports:
 
 
 def _bottleneck_sites(model: nn.Module, tree: Block, leaves: list[Adapter], arch: archmod.Arch, loaded: _Loaded,
-                      plan: Plan) -> None:
+                      plan: Plan, names: dict[str, nn.Module]) -> None:
     is_bn = [a.kind == "bottleneck" for a in leaves]
     if not any(is_bn):
         return
     pruned = prune(tree, lambda i: is_bn[i])
-    names = _module_names(model)
     # site path -> (factory, {leaf index: module})
     places: dict[str, tuple[Callable[[], Any], dict[int, BottleneckModule]]] = {}
     for idx, a in enumerate(leaves):
@@ -276,7 +277,7 @@ def _bottleneck_sites(model: nn.Module, tree: Block, leaves: list[Adapter], arch
         for loc, roles in by_loc.items():
             layer_path, key = archmod.split_location(arch, loc)
             layer_path = resolve_module(layer_path, names)[0]
-            layer = model.get_submodule(layer_path)
+            layer = names[layer_path]
             _, place = arch.bottleneck[key]
             if isinstance(place, archmod.PostLN):
                 path = f"{layer_path}.{place.module}"
@@ -307,7 +308,7 @@ def _bottleneck_sites(model: nn.Module, tree: Block, leaves: list[Adapter], arch
 
 
 def _prefix_site(model: nn.Module, tree: Block, leaves: list[Adapter], live: LiveModel, prefix_positions: str,
-                 plan: Plan) -> None:
+                 plan: Plan, names: dict[str, nn.Module]) -> None:
     from adapterhub.formats.adapters_lib import prefix_to_peft
 
     order = ordered_leaves(tree, kind_of, "prefix")
@@ -331,7 +332,7 @@ def _prefix_site(model: nn.Module, tree: Block, leaves: list[Adapter], live: Liv
                             num_kv_heads=live.num_kv_heads, head_dim=live.head_dim))
     kv = torch.cat(kvs, dim=2).contiguous()
     plan.prefix_tokens = kv.shape[2]
-    path = next((n for n, m in model.named_modules() if m is base), "") or "<model>"
+    path = next((n for n, m in names.items() if m is base), "") or "<model>"
     config = model.config
 
     def factory() -> PrefixSite:

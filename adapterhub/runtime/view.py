@@ -72,7 +72,10 @@ class LiveModel:
 
     @property
     def name_or_path(self) -> str | None:
-        return getattr(self.config, "_name_or_path", None) or None
+        """The model's hub name; None when it was loaded from a local directory (then ``path`` names it, as
+        for a checkpoint directory, whose config.json records no name)."""
+        name = getattr(self.config, "_name_or_path", None) or None
+        return None if name is None or Path(name).is_dir() else name
 
     @property
     def model_type(self) -> str | None:
