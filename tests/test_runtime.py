@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import subprocess
 import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -362,3 +364,37 @@ def test_importing_adapterhub_and_the_blocks_does_not_import_torch():
             "Stack(Sum('a', 'b', weights=[1, 2]), Average('c', 'd')); assert 'torch' not in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+
+def test_cli_run_shows_a_prompt_without_and_with_the_composition(minilm_dir, model, ads):
+    runner = CliRunner()
+    lib = ADAPTERS_LIB
+    out = runner.invoke(cli, ["run", "--base", str(LLAMA_BASE), str(lib / "llama_seq_bn"), str(lib / "llama_lora"),
+                              "--ids", "5,6,7", "--max-new-tokens", "4"])
+    assert out.exit_code == 0, out.output
+    assert "2 bottleneck site(s), 4 linear site(s)" in out.output
+    base_line = next(line for line in out.output.splitlines() if line.startswith("base "))
+    with attach(model, Stack(read_adapter(lib / "llama_seq_bn"), read_adapter(lib / "llama_lora"))):
+        want = model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)[0, 3:].tolist()
+    assert f"attached  {want}" in out.output and base_line.startswith("base      [")
+    enc = runner.invoke(cli, ["run", "--base", str(minilm_dir), "--prompt", "hello world", str(lib / "minilm_seq_bn")])
+    assert enc.exit_code == 0, enc.output
+    assert "mean-pooled output: cosine similarity 0.9" in enc.output
+    bad = runner.invoke(cli, ["run", "--base", str(LLAMA_BASE), "--sum", str(lib / "llama_seq_bn=0.5"), "--ids", "1"])
+    assert bad.exit_code == 1 and "bottleneck adapter inside a Sum" in bad.output
+    wrong = runner.invoke(cli, ["run", "--base", str(LLAMA_BASE), str(lib / "minilm_lora"), "--ids", "1"])
+    assert wrong.exit_code == 1 and "error[target-missing] encoder.layer.0.attention.self.query" in wrong.output
+    assert "Traceback" not in bad.output + wrong.output
+
+
+def test_readme_runtime_example_runs():
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    code = readme.split("<!-- runtime-example -->\n```python\n", 1)[1].split("```", 1)[0]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "attached: Stack(" in out.stdout and "a prefix of 10 tokens" in out.stdout
