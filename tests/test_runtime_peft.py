@@ -23,7 +23,8 @@ def out_of(result):
     return result.logits if getattr(result, "logits", None) is not None else result.last_hidden_state
 
 
-def peft_run(base_dir, dirs: dict[str, object], ids, *, active=None, dtype=torch.float32, weighted=None, **kw):
+def peft_run(base_dir, dirs: dict[str, object], ids, *, active=None, dtype=torch.float32, weighted=None, mask=None,
+             **kw):
     """PEFT's output with the adapters ``dirs`` loaded, ``active`` (default: all) active or, with ``weighted``
     = (weights, combination_type), one add_weighted_adapter of them."""
     names = list(dirs)
@@ -38,12 +39,12 @@ def peft_run(base_dir, dirs: dict[str, object], ids, *, active=None, dtype=torch
         model.base_model.set_adapter(active or names)
     model.eval()
     with torch.no_grad():
-        return out_of(model(input_ids=ids, attention_mask=torch.ones_like(ids), **kw))
+        return out_of(model(input_ids=ids, attention_mask=torch.ones_like(ids) if mask is None else mask, **kw))
 
 
-def ours_run(model, tree, ids, **options):
+def ours_run(model, tree, ids, mask=None, **options):
     with attach(model, tree, **options), torch.no_grad():
-        return out_of(model(input_ids=ids, attention_mask=torch.ones_like(ids)))
+        return out_of(model(input_ids=ids, attention_mask=torch.ones_like(ids) if mask is None else mask))
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +157,11 @@ def test_prefix_on_gqa_llama_matches_peft(prefixes, llama_base, models):
     ids = input_ids()
     want = peft_run(llama_base, {"main": prefixes["p5"]}, ids)
     assert (ours_run(models(), read_adapter(prefixes["p5"]), ids) - want).abs().max() <= FP32_TOL
+    left_padded = torch.ones_like(ids)
+    left_padded[0, :3] = 0
+    want = peft_run(llama_base, {"main": prefixes["p5"]}, ids, mask=left_padded)
+    got = ours_run(models(), read_adapter(prefixes["p5"]), ids, mask=left_padded)
+    assert (got - want)[left_padded.bool()].abs().max() <= FP32_TOL
 
 
 def test_stacked_prefixes_match_peft_with_the_concatenated_prefix(prefixes, llama_base, models, tmp_path):
@@ -173,6 +179,11 @@ def test_minilm_prefix_matches_peft(minilm_dir, make_peft, models):
     want = peft_run(minilm_dir, {"main": src}, ids)
     got = ours_run(models("minilm"), read_adapter(src), ids)
     assert (got - want).abs().max() <= FP32_TOL
+    padded = torch.ones_like(ids)
+    padded[1, 4:] = 0
+    want = peft_run(minilm_dir, {"main": src}, ids, mask=padded)
+    got = ours_run(models("minilm"), read_adapter(src), ids, mask=padded)
+    assert (got - want)[padded.bool()].abs().max() <= FP32_TOL
     with torch.no_grad():
         plain = models("minilm")(input_ids=ids).last_hidden_state
     assert (want - plain).abs().max() > 0.05
