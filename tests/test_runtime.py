@@ -61,13 +61,15 @@ def snapshot(model):
     return {"params": {n: (id(p), p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()},
             "keys": list(model.state_dict()),
             "forwards": {n for n, m in model.named_modules() if "forward" in m.__dict__},
-            "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())}
+            "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+            "attributes": sorted(model.__dict__)}
 
 
 def assert_unchanged(model, snap) -> None:
     now = snapshot(model)
     assert now["keys"] == snap["keys"]
     assert now["forwards"] == snap["forwards"] and now["hooks"] == snap["hooks"]
+    assert now["attributes"] == snap["attributes"]
     for n, (ident, ptr, value) in snap["params"].items():
         i2, p2, v2 = now["params"][n]
         assert (i2, p2) == (ident, ptr), n
@@ -134,6 +136,15 @@ def test_1000_cycles_leave_every_weight_bit_identical_and_memory_flat(ads, dtype
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
+
+
+def test_a_model_dropped_while_attached_is_freed(ads):
+    m = load_base(LLAMA_BASE)
+    attach(m, mixed(ads))
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None
 
 
 def test_context_manager_detaches_on_error(ads, model):

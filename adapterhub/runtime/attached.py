@@ -12,7 +12,6 @@ semantics (no dropout) and are not trainable through the runtime.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
@@ -26,8 +25,9 @@ from adapterhub.errors import AttachedStateError, AttachError, CompositionError
 from adapterhub.runtime.compose import Block, as_tree
 from adapterhub.runtime.plan import Plan, label, make_plan
 
-#: the attachment of each model (at most one)
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, Attached] = weakref.WeakKeyDictionary()
+#: where a model keeps its attachment (a plain attribute: no parameter, buffer or state_dict key; removed
+#: by detach). On the model rather than in a global map, so a model dropped while attached is freed.
+_ATTR = "_adapterhub_attached"
 
 
 def attach(model: nn.Module, composition: Any, *, merge: bool = False, prefix_positions: str = "auto",
@@ -53,14 +53,14 @@ def attach(model: nn.Module, composition: Any, *, merge: bool = False, prefix_po
         >>> with attach(model, Stack(bn_task, Sum(lora_a, lora_b, weights=[0.7, 0.3]))) as attached:  # doctest: +SKIP
         ...     logits = model(input_ids).logits
     """
-    current = _ATTACHED.get(model)
-    if current is not None and current.attached:
+    current = attached_to(model)
+    if current is not None:
         raise AttachedStateError(f"{type(model).__name__} already has a composition attached: {current.composition!r}."
                                  "\n  fix: detach it first, or attach one composition that holds both.")
     original = as_tree(composition)
     tree = original.map_leaves(resolve) if resolve is not None else original
     handle = Attached(model, original, tree, merge=merge, prefix_positions=prefix_positions, resolve=resolve)
-    _ATTACHED[model] = handle
+    model.__dict__[_ATTR] = handle
     return handle
 
 
@@ -233,8 +233,8 @@ class Attached:
         self._tensors.clear()
         self._reports.clear()
         self.attached = False
-        if _ATTACHED.get(self.model) is self:
-            del _ATTACHED[self.model]
+        if self.model.__dict__.get(_ATTR) is self:
+            del self.model.__dict__[_ATTR]
 
     def __enter__(self) -> Attached:
         return self
@@ -246,5 +246,5 @@ class Attached:
 
 def attached_to(model: nn.Module) -> Attached | None:
     """The composition attached to ``model``, or None."""
-    handle = _ATTACHED.get(model)
+    handle = model.__dict__.get(_ATTR)
     return handle if handle is not None and handle.attached else None
