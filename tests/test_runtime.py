@@ -410,3 +410,14 @@ def test_readme_runtime_example_runs(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "attached: Stack(" in out and "a prefix of 10 tokens" in out
     assert not namespace["attached"].attached
+
+
+def test_a_refused_swap_to_non_finite_values_is_refused_again(ads, model):
+    b = ads["lora_b"]
+    poisoned = b.replace(tensors=Tensors({n: t * math.inf for n, t in b.tensors.items()}))
+    with attach(model, Sum(ads["lora_a"], b)) as attached:
+        before = logits(model)
+        for _ in range(2):
+            with pytest.raises(AttachError, match="non-finite"):
+                attached.swap(b, poisoned)
+            assert torch.equal(logits(model), before)

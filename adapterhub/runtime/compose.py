@@ -137,9 +137,6 @@ class Stack(Block):
 
     __slots__ = ()
 
-    def __init__(self, *children: Any) -> None:
-        super().__init__(*children)
-
 
 class Average(Block):
     """The ``adapters`` library's ``Average`` of bottleneck adapter outputs, weights normalised as it does.

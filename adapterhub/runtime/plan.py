@@ -65,12 +65,14 @@ class _Loaded:
 
     def get(self, adapter: Adapter, name: str) -> torch.Tensor:
         per = self.cache.setdefault(id(adapter), {})
-        if name not in per:
-            t = adapter.tensors[name]
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                self.bad.setdefault(id(adapter), []).append(name)
-            per[name] = t
-        return per[name]
+        if name in per:
+            return per[name]
+        t = adapter.tensors[name]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            self.bad.setdefault(id(adapter), []).append(name)
+            return t  # not cached: the next plan checks it again
+        per[name] = t
+        return t
 
 
 def make_plan(model: nn.Module, tree: Block, *, merge: bool = False, prefix_positions: str = "auto",
@@ -100,7 +102,10 @@ def make_plan(model: nn.Module, tree: Block, *, merge: bool = False, prefix_posi
     names = _module_names(model)
     reports = reports if reports is not None else {}
     failed: list[Report] = []
-    distinct = list({id(a): (i, a) for i, a in reversed(list(enumerate(leaves)))}.values())[::-1]
+    distinct: list[tuple[int, Adapter]] = []  # (first leaf index, adapter), each adapter once
+    for i, a in enumerate(leaves):
+        if all(a is not b for _, b in distinct):
+            distinct.append((i, a))
     for i, a in distinct:
         if id(a) not in reports:
             base = check_adapter(a, live, subject=label(a, i))
