@@ -82,6 +82,21 @@ class LiveModel:
         return getattr(self.config, "model_type", None)
 
     @property
+    def architectures(self) -> list[str]:
+        """The config's ``architectures``, else the model's own class."""
+        return list(getattr(self.config, "architectures", None) or [type(self.model).__name__])
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """What ``config.quantization_config`` says (method, bits), or None for a full-precision model."""
+        q = getattr(self.config, "quantization_config", None)
+        if not q:
+            return None
+        q = q if isinstance(q, dict) else q.to_dict()
+        bits = q.get("bits") or (4 if q.get("load_in_4bit") else 8 if q.get("load_in_8bit") else None)
+        return {"method": q.get("quant_method"), "bits": bits, "evidence": "config.quantization_config"}
+
+    @property
     def hidden_size(self) -> int | None:
         return self._get("hidden_size", "n_embd", "d_model")
 
