@@ -35,13 +35,14 @@ def load(ref: str, *, registry: str | Path | None = None, allow_pickle: bool = F
     return Registry(registry).load(ref, allow_pickle=allow_pickle)
 
 
-def attach(model: Any, composition: Any, *, registry: str | Path | None = None, allow_pickle: bool = False,
+def attach(model: Any, composition: Any, *, registry: Any = None, allow_pickle: bool = False,
            merge: bool = False, prefix_positions: str = "auto") -> Attached:
     """Apply a composition to a live transformers model without touching its weights.
 
     A leaf of ``composition`` is an :class:`~adapterhub.adapter.Adapter`, an adapter directory (any
-    format) or a registry reference; blocks are ``Sum``, ``Stack`` and ``Average``. Everything is read
-    and checked against the model before anything is attached. See
+    format) or a registry reference (resolved as ``blend``/``export`` resolve sources; ``registry``
+    is a path, a Registry or None for the default); blocks are ``Sum``, ``Stack`` and ``Average``.
+    Everything is read and checked against the model before anything is attached. See
     :func:`adapterhub.runtime.attached.attach` for the options and errors.
 
     Example:
@@ -55,18 +56,29 @@ def attach(model: Any, composition: Any, *, registry: str | Path | None = None, 
                    resolve=lambda leaf: resolve_adapter(leaf, registry=registry, allow_pickle=allow_pickle))
 
 
-def resolve_adapter(leaf: Any, *, registry: str | Path | None = None, allow_pickle: bool = False) -> Adapter:
-    """An Adapter as is; an existing directory read in its format; any other string a registry reference."""
+def resolve_adapter(leaf: Any, *, registry: Any = None, allow_pickle: bool = False) -> Adapter:
+    """An Adapter as is; a path (``os.PathLike``, or a string that exists or starts with ``/ ./ ../ ~``) read
+    in its format; any other string a registry reference (``registry``: a path, a Registry, a function
+    returning one, or None for ``$ADAPTERHUB_REGISTRY`` / the per-user registry)."""
     from adapterhub.adapter import Adapter
 
     if isinstance(leaf, Adapter):
         return leaf
-    if isinstance(leaf, os.PathLike) or (isinstance(leaf, str) and Path(leaf).is_dir()):
+    if isinstance(leaf, os.PathLike):
         from adapterhub.formats import read_adapter
 
-        return read_adapter(leaf, allow_pickle=allow_pickle)
+        return read_adapter(Path(leaf).expanduser(), allow_pickle=allow_pickle)
     if isinstance(leaf, str):
-        return load(leaf, registry=registry, allow_pickle=allow_pickle)
+        from adapterhub.sources import open_sources
+
+        def opened() -> Any:
+            if registry is None or isinstance(registry, str | os.PathLike):
+                from adapterhub.registry import Registry
+
+                return Registry(registry)
+            return registry() if callable(registry) else registry
+
+        return open_sources([leaf], opened, allow_pickle=allow_pickle)[0].adapter
     from adapterhub.errors import CompositionError
 
     raise CompositionError(f"a composition leaf must be an Adapter, an adapter directory or a registry reference, "

@@ -701,7 +701,7 @@ def export_(reg: _LazyRegistry, sources: tuple[str, ...], base_dir: str, output:
 # --- runtime: a quick look at a composition (adapterhub.runtime) -----------------------------------
 
 
-@cli.command(name="run")
+@cli.command(name="run", short_help="Run a prompt without and with a composition attached.")
 @click.argument("sources", nargs=-1, required=True, metavar="SRC[=WEIGHT]...")
 @click.option("--base", "base_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
               help="Base model directory (loaded with transformers).")
@@ -722,24 +722,19 @@ def run_(reg: _LazyRegistry, sources: tuple[str, ...], base_dir: str, prompt: st
     """
     from adapterhub import Average, Stack, Sum, resolve_adapter
     from adapterhub.runtime.prompt import run_prompt
+    from adapterhub.sources import parse_weighted
 
-    leaves, weights = [], []
-    for src in sources:
-        path, sep, w = src.rpartition("=")
-        try:
-            weights.append(float(w) if sep else 1.0)
-            leaves.append(path if sep and path else src)
-        except ValueError:
-            weights.append(1.0)
-            leaves.append(src)
-    with _errors():
-        if block == "stack" and any(w != 1.0 for w in weights):
-            raise click.UsageError("weights need --sum or --average")
-        tree = (Sum(*leaves, weights=weights) if block == "sum" else Average(*leaves, weights=weights)
-                if block == "average" else Stack(*leaves))
+    leaves, weights = zip(*(parse_weighted(s) for s in sources), strict=True)
+    if block == "stack" and any(w != 1.0 for w in weights):
+        raise click.UsageError("weights (SRC=WEIGHT) need --sum or --average.")
+    try:
         ids = [int(t) for t in token_ids.replace(",", " ").split()] if token_ids else None
-        result = run_prompt(base_dir, tree, prompt=prompt, token_ids=ids, max_new_tokens=max_new_tokens,
-                            resolve=lambda leaf: resolve_adapter(leaf, registry=reg.path, allow_pickle=allow_pickle))
+    except ValueError as e:
+        raise click.UsageError(f"--ids takes integers, e.g. --ids 1,2,3 ({e}).") from e
+    tree = (Sum(*leaves, weights=weights) if block == "sum" else Average(*leaves, weights=weights)
+            if block == "average" else Stack(*leaves))
+    result = run_prompt(base_dir, tree, prompt=prompt, token_ids=ids, max_new_tokens=max_new_tokens,
+                        resolve=lambda leaf: resolve_adapter(leaf, registry=reg.get, allow_pickle=allow_pickle))
     click.echo(result.summary)
     if result.kind == "generate":
         click.echo(f"base      {result.base}")
