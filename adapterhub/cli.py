@@ -715,7 +715,7 @@ def export_(reg: _LazyRegistry, sources: tuple[str, ...], base_dir: str, output:
 @pass_registry
 def run_(reg: _LazyRegistry, sources: tuple[str, ...], base_dir: str, prompt: str | None, token_ids: str | None,
          block: str, max_new_tokens: int, allow_pickle: bool) -> None:
-    """Run a prompt through the base, then with SRC... attached (a quick look; no file is written).
+    """Run a prompt through the base, then with the sources attached (a quick look; no file is written).
 
     SRC is a registry reference or an adapter directory. Causal LMs print the greedy continuation
     without and with the composition; encoders how far the mean-pooled output moved.

@@ -326,7 +326,7 @@ def test_method_table_registration_is_checked():
 def test_help_texts_are_complete():
     top = run("--help").output
     commands = top.split("Commands:\n")[1].split("\n\n")[0].splitlines()
-    assert len(commands) == 15 and not any(line.rstrip().endswith("...") for line in commands), commands
+    assert len(commands) == len(cli.commands) and not any(line.rstrip().endswith("...") for line in commands), commands
     for line in commands:
         name = line.split()[0]
         result = run(name, "--help")
