@@ -22,6 +22,7 @@ Sites (where the arithmetic meets the model, see :mod:`adapterhub.runtime.arch`)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -46,7 +47,9 @@ def unsupported_features(config: dict[str, Any]) -> list[str]:
     return out
 
 
+@functools.cache
 def _activation(name: str) -> Any:
+    """The library's activation (``transformers.activations.get_activation``); stateless, so shared."""
     name = (name or "").lower()
     if name == "leakyrelu":
         return F.leaky_relu

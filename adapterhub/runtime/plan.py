@@ -97,9 +97,9 @@ def make_plan(model: nn.Module, tree: Block, *, merge: bool = False, prefix_posi
     for leaf in leaves:
         kind_of(leaf)
     validate(tree, kind_of)
-    live = LiveModel(model)
-    arch = archmod.arch_for(live.model_type)
     names = _module_names(model)
+    live = LiveModel(model, names)
+    arch = archmod.arch_for(live.model_type)
     reports = reports if reports is not None else {}
     failed: list[Report] = []
     distinct: list[tuple[int, Adapter]] = []  # (first leaf index, adapter), each adapter once

@@ -27,8 +27,9 @@ class LiveTensor:
 class LiveModel:
     """The check-facing view of a live model (nothing is copied; build it again after changing the model)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, modules: dict[str, Any] | None = None) -> None:
         self.model = model
+        self._named = modules  # module path -> module (without the root), to avoid walking the model again
         self.config = getattr(model, "config", None)
         source = getattr(self.config, "_name_or_path", None) or getattr(self.config, "name_or_path", None)
         self.path = Path(source) if source else Path(f"<live {type(model).__name__}>")
@@ -36,8 +37,13 @@ class LiveModel:
     @cached_property
     def tensors(self) -> dict[str, LiveTensor]:
         out: dict[str, LiveTensor] = {}
-        named = [*self.model.named_parameters(remove_duplicate=False),
-                 *self.model.named_buffers(remove_duplicate=False)]
+        if self._named is None:
+            named = [*self.model.named_parameters(remove_duplicate=False),
+                     *self.model.named_buffers(remove_duplicate=False)]
+        else:
+            owners = [("", self.model), *((p + ".", m) for p, m in self._named.items())]
+            named = [(prefix + n, t) for prefix, m in owners for table in (m._parameters, m._buffers)
+                     for n, t in table.items() if t is not None]
         for name, t in named:
             try:
                 dtype = torch_to_st(t.dtype)
