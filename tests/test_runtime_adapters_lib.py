@@ -41,7 +41,19 @@ ADAPTERS = {
     "prefix": ("prefix_tuning_safetensors", None), "prefix_b": ("prefix_tuning_flat_safetensors", 14),
 }
 
+# adapters the library makes in the oracle run: name -> (config class, its arguments, seed)
+CREATED = {
+    "par_bn": ("ParBnConfig", {"reduction_factor": 16}, 15),
+    "seq_bn_ln": ("SeqBnConfig", {"reduction_factor": 16, "ln_before": True, "ln_after": True, "scaling": "learned",
+                                  "residual_before_ln": False, "adapter_residual_before_ln": True,
+                                  "non_linearity": "gelu"}, 16),
+}
+
 JOBS = {
+    "par_bn": "par_bn",
+    "seq_bn_ln": "seq_bn_ln",
+    "stack_par_seq": ["Stack", "par_bn", "seq_bn"],
+    "stack_seq_ln_double": ["Stack", "seq_bn_ln", "double_seq_bn"],
     "stack_seq_double": ["Stack", "seq_bn", "double_seq_bn"],
     "stack_double_seq": ["Stack", "double_seq_bn", "seq_bn"],
     "stack_seq_seq": ["Stack", "seq_bn", "seq_bn_b"],
@@ -93,11 +105,16 @@ def lib(tmp_path_factory, minilm_dir):
     """Every adapter directory per base, and the library's output of every job."""
     tmp = tmp_path_factory.mktemp("adapters_lib_compose")
     dirs: dict[str, dict[str, Path]] = {}
+    create = []
     for base in ("minilm", "llama"):
         dirs[base] = {}
         for name, (fixture, seed) in ADAPTERS.items():
             src = ADAPTERS_LIB / f"{base}_{fixture}"
             dirs[base][name] = src if seed is None else _variant(src, seed, name, tmp / f"{base}_{name}")
+        for name, (cls, kwargs, seed) in CREATED.items():
+            dirs[base][name] = tmp / f"{base}_{name}"
+            create.append({"base": base, "name": name, "config": cls, "kwargs": kwargs, "seed": seed,
+                           "out": str(dirs[base][name])})
     jobs = []
     specs = {(base, job): spec for base in ("minilm", "llama") for job, spec in JOBS.items()}
     specs.update({(base, job): spec for job, (base, spec) in LIBRARY_ONLY.items()})
@@ -106,7 +123,7 @@ def lib(tmp_path_factory, minilm_dir):
         jobs.append({"id": f"{base}/{job}", "base": base, "setup": spec,
                      "adapters": {n: str(dirs[base][n]) for n in used},
                      "inputs": str(ADAPTERS_LIB / f"{base}_seq_bn.reference.safetensors")})
-    (tmp / "jobs.json").write_text(json.dumps({"jobs": jobs}))
+    (tmp / "jobs.json").write_text(json.dumps({"create": create, "jobs": jobs}))
     proc = subprocess.run([str(ORACLE_PYTHON), str(FIXTURES / "adapters_lib_compose.py"), str(tmp / "jobs.json"),
                            str(tmp / "out.safetensors")], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})

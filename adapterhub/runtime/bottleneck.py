@@ -1,14 +1,17 @@
 """Bottleneck adapters at run time, computed exactly as the ``adapters`` library computes them.
 
 One :class:`BottleneckModule` is one adapter at one location (the library's ``methods/modeling.py:
-Adapter`` in eval mode): ``pre_forward`` (``original_ln_before``, ``residual_before_ln``), ``forward``
+Adapter`` in eval mode, or ``ParallelAdapter`` for ``par_bn``): ``pre_forward`` (``original_ln_before``,
+``residual_before_ln``; a parallel adapter reads the sub-block's input ``x``), ``forward``
 (``adapter_up(act(adapter_down(h))) * scaling``, ``ln_before``/``ln_after``, the residual before or after
-``adapter_norm_after``) and ``post_forward`` (``original_ln_after``). :func:`evaluate` runs a pruned
-composition tree at one location as the library's ``BottleneckLayer.compose`` does: ``Stack`` calls
-``pre_forward`` of each adapter on the running state; ``Average`` calls the first adapter's
-``pre_forward``, runs every child on that state and takes ``mean(stack(out_i) * ŵ_i)``; the last
-adapter applied does the ``post_forward``. A location where no adapter of the tree has tensors is
-left alone, as in the library.
+``adapter_norm_after``; none for a parallel adapter) and ``post_forward`` (a parallel adapter's output
+is added to the sub-block's; ``original_ln_after``). Dropout and stochastic depth are identities (eval).
+
+:func:`evaluate` runs a pruned composition tree at one location as the library's
+``BottleneckLayer.compose`` does: ``Stack`` calls ``pre_forward`` of each adapter on the running state;
+``Average`` calls the first adapter's ``pre_forward``, runs every child on that state and takes
+``mean(stack(out_i) * ŵ_i)``; the last adapter applied does the ``post_forward``. A location where no
+adapter of the tree has tensors is left alone, as in the library.
 
 Sites (where the arithmetic meets the model, see :mod:`adapterhub.runtime.arch`):
 
@@ -17,7 +20,7 @@ Sites (where the arithmetic meets the model, see :mod:`adapterhub.runtime.arch`)
 - :class:`PreLNSite` hooks a Llama decoder layer: a forward pre-hook on ``residual_at`` keeps ``x``,
   a forward hook on ``sublayer`` returns the adapters' output so that the layer's own ``x + ...``
   gives what the library's layer returns (bit for bit when ``original_ln_after`` is set, as in
-  ``seq_bn``/``double_seq_bn``; else ``out - x``, exact up to rounding).
+  ``seq_bn``/``double_seq_bn``/``par_bn``; else ``out - x``, exact up to rounding).
 """
 
 from __future__ import annotations
@@ -35,8 +38,7 @@ from adapterhub.runtime.arch import PostLN, PreLN
 from adapterhub.runtime.compose import Average, Block, Stack
 
 #: config keys whose truthy value the runtime cannot compute
-UNSUPPORTED = {"use_gating": "gating", "phm_layer": "PHM layers", "inv_adapter": "invertible adapters",
-               "is_parallel": "parallel (par_bn) adapters", "stochastic_depth": "stochastic depth"}
+UNSUPPORTED = {"use_gating": "gating", "phm_layer": "PHM layers", "inv_adapter": "invertible adapters"}
 
 
 def unsupported_features(config: dict[str, Any]) -> list[str]:
@@ -74,6 +76,7 @@ class BottleneckModule:
     adapter_residual_before_ln: bool
     original_ln_before: bool
     original_ln_after: bool
+    parallel: bool = False
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], config: dict[str, Any]) -> BottleneckModule:
@@ -92,9 +95,12 @@ class BottleneckModule:
                    residual_before_ln=config.get("residual_before_ln", True),
                    adapter_residual_before_ln=bool(config.get("adapter_residual_before_ln", False)),
                    original_ln_before=bool(config.get("original_ln_before", False)),
-                   original_ln_after=bool(config.get("original_ln_after", True)))
+                   original_ln_after=bool(config.get("original_ln_after", True)),
+                   parallel=bool(config.get("is_parallel", False)))
 
     def pre_forward(self, h: torch.Tensor, x: torch.Tensor | None, ln: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.parallel:
+            return x, x
         residual = h if self.residual_before_ln is True else None
         if self.original_ln_before:
             if ln is not None:
@@ -113,6 +119,10 @@ class BottleneckModule:
             h = F.layer_norm(h, (h.shape[-1],), self.norm_before[0], self.norm_before[1])
         down = self.act(F.linear(h, self.down_w, self.down_b))
         out = F.linear(down, self.up_w, self.up_b) * self.scaling
+        if self.parallel:
+            if self.norm_after is not None:
+                out = F.layer_norm(out, (out.shape[-1],), self.norm_after[0], self.norm_after[1])
+            return out
         if self.adapter_residual_before_ln:
             out = out + residual
         if self.norm_after is not None:
@@ -121,7 +131,10 @@ class BottleneckModule:
             out = out + residual
         return out
 
-    def post_forward(self, h: torch.Tensor, x: torch.Tensor | None, ln: Any) -> torch.Tensor:
+    def post_forward(self, h: torch.Tensor, h_in: torch.Tensor, x: torch.Tensor | None, ln: Any) -> torch.Tensor:
+        """``h_in``: the sub-block's output before any adapter (a parallel adapter's output is added to it)."""
+        if self.parallel:
+            h = h + h_in
         if self.original_ln_after:
             if ln is not None:
                 return ln(h + x)
@@ -165,10 +178,13 @@ def _compose(node: Block, st: _State, mods: dict[int, BottleneckModule], ln: Any
 
 def evaluate(tree: Block, mods: dict[int, BottleneckModule], h: torch.Tensor, x: torch.Tensor | None,
              ln: Any, *, post: bool = True) -> tuple[torch.Tensor, BottleneckModule]:
-    """The composition's output at one location (``post=False``: before the last adapter's post_forward)."""
+    """The composition's output at one location (``post=False``: before the last adapter's ``post_forward``
+    adds ``x``, for a layer that adds it itself)."""
     st = _compose(tree, _State(h, x, x, None), mods, ln)
     last = mods[st.last]
-    return (last.post_forward(st.h, st.x, ln) if post else st.h), last
+    if post:
+        return last.post_forward(st.h, h, st.x, ln), last
+    return (st.h + h if last.parallel else st.h), last
 
 
 def covered(tree: Block, present: set[int]) -> str | None:
