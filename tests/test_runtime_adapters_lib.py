@@ -66,6 +66,15 @@ JOBS = {
     "mixed": ["Stack", "prefix", "seq_bn", "double_seq_bn", "lora"],
     "lora_average": ["Average", {"weights": [0.25, 0.75]}, "lora", "lora_b"],
 }
+# a tiny RoBERTa (padding-aware positions, pad id 1): adapters the library makes for it, and jobs
+ROBERTA_CREATED = {
+    "seq_bn": ("SeqBnConfig", {"reduction_factor": 16}, 21, 0.02),
+    "double_seq_bn": ("DoubleSeqBnConfig", {"reduction_factor": 16}, 22, 0.02),
+    "prefix": ("PrefixTuningConfig", {"prefix_length": 5, "flat": True}, 23, 0.5),
+    "lora": ("LoRAConfig", {"r": 4, "alpha": 8, "attn_matrices": ["q", "v"]}, 24, 0.02),
+}
+ROBERTA_JOBS = {"stack": ["Stack", "seq_bn", "double_seq_bn"], "prefix": "prefix",
+                "mixed": ["Stack", "prefix", "double_seq_bn", "seq_bn", "lora"]}
 # the library chains a Stack of LoRAs (its in/out sizes must agree: MiniLM's q and v are square)
 LIBRARY_ONLY = {"lora_chain_minilm": ("minilm", ["Stack", "lora", "lora_b"])}
 
@@ -115,7 +124,15 @@ def lib(tmp_path_factory, minilm_dir):
             dirs[base][name] = tmp / f"{base}_{name}"
             create.append({"base": base, "name": name, "config": cls, "kwargs": kwargs, "seed": seed,
                            "out": str(dirs[base][name])})
-    jobs = []
+    roberta = _tiny_roberta(tmp)
+    dirs["roberta"] = {}
+    for name, (cls, kwargs, seed, std) in ROBERTA_CREATED.items():
+        dirs["roberta"][name] = tmp / f"roberta_{name}"
+        create.append({"base": str(roberta), "name": name, "config": cls, "kwargs": kwargs, "seed": seed,
+                       "std": std, "out": str(dirs["roberta"][name])})
+    jobs = [{"id": f"roberta/{job}", "base": str(roberta), "setup": spec, "inputs": str(roberta / "inputs.safetensors"),
+             "adapters": {n: str(dirs["roberta"][n]) for n in sorted(_names(spec))}}
+            for job, spec in ROBERTA_JOBS.items()]
     specs = {(base, job): spec for base in ("minilm", "llama") for job, spec in JOBS.items()}
     specs.update({(base, job): spec for job, (base, spec) in LIBRARY_ONLY.items()})
     for (base, job), spec in specs.items():
@@ -129,6 +146,22 @@ def lib(tmp_path_factory, minilm_dir):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     return dirs, load_file(tmp / "out.safetensors")
+
+
+def _tiny_roberta(tmp: Path) -> Path:
+    from safetensors.torch import save_file
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    config = RobertaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                           vocab_size=100, max_position_embeddings=40, pad_token_id=1)
+    path = tmp / "roberta"
+    RobertaModel(config).eval().save_pretrained(path)
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    ids[1, 5:], mask[1, 5:] = 1, 0  # right padding with the pad id
+    save_file({"input_ids": ids, "attention_mask": mask}, path / "inputs.safetensors")
+    return path
 
 
 def _names(spec) -> set[str]:
@@ -200,6 +233,24 @@ def test_stacked_lora_sums_where_the_library_chains(lib, models):
     summed = run(model, Sum(a, b), ref, "minilm")
     assert (stacked - summed).abs().max() <= 1e-6
     assert (stacked - outputs["minilm/lora_chain_minilm"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("job", sorted(ROBERTA_JOBS))
+def test_roberta_matches_the_library(job, lib):
+    """RoBERTa numbers positions from padding_idx + 1 and skips padding: also behind an `adapters` prefix."""
+    from transformers import RobertaModel
+
+    dirs, outputs = lib
+    base = dirs["roberta"]["seq_bn"].parent / "roberta"
+    ref = load_file(base / "inputs.safetensors")
+    adapters = {n: read_adapter(p) for n, p in dirs["roberta"].items()}
+    model = RobertaModel.from_pretrained(base).eval()
+    with torch.no_grad():
+        plain = model(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"]).last_hidden_state
+    out = run(model, ours(ROBERTA_JOBS[job], adapters), ref, "minilm")
+    want = outputs[f"roberta/{job}"]
+    assert (out - want).abs().max() <= 2e-5, (out - want).abs().max()
+    assert (want - plain).abs().max() > 0.01
 
 
 @pytest.mark.parametrize("base", ["minilm", "llama"])
