@@ -124,6 +124,9 @@ class Attached:
             parts.append(f"a prefix of {self._plan.prefix_tokens} tokens")
         text = (f"{'attached' if self.attached else 'detached'}: {self._tree!r} on {type(self.model).__name__}; "
                 f"{', '.join(parts)}; runtime tensors {nbytes / 2**20:.2f} MiB")
+        warned = sum(len(r.warnings) for r in self._plan.reports)
+        if warned:
+            text += f"; {warned} check warning(s), see .reports"
         if self._merge:
             text += (f"; merge=True: LoRA/IA3 folded into copies of {self._plan.merged_weights} weight(s) "
                      f"({self._plan.merged_bytes / 2**20:.2f} MiB), the model's own weights are untouched")
