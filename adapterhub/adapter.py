@@ -27,6 +27,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from adapterhub.errors import InvalidValueError, NonFiniteError
 from adapterhub.tensorfile import TensorInfo, load_tensor
 
 if TYPE_CHECKING:
@@ -37,6 +38,54 @@ KINDS: tuple[str, ...] = ("lora", "ia3", "bottleneck", "prefix")
 
 LORA_PARAMS = ("lora_A", "lora_B", "lora_B.bias", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
 IA3_PARAMS = ("ia3_l",)
+
+
+def check_number(where: str, value: Any, *, integer: bool = False, minimum: float | None = None) -> float | int:
+    """``value`` if it is a usable number for ``where``, else a clear error.
+
+    Booleans are refused (``True`` would silently read as 1), as are text, NaN and infinities.
+
+    Raises:
+        NonFiniteError: NaN or infinite.
+        InvalidValueError: not a number, not an integer where one is needed, or below ``minimum``.
+    """
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidValueError(f"{where} must be {kind}, not {value!r} ({type(value).__name__}).\n"
+                                f"  fix: write {where} as {kind} in the adapter's config.", where=where)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise NonFiniteError(f"{where} is {value!r}; it must be a finite number.\n  fix: write the value the adapter "
+                             "was trained with in its config.", where=where, counts={where: 1})
+    if integer and not isinstance(value, int):
+        if not value.is_integer():
+            raise InvalidValueError(f"{where} must be an integer, not {value!r}.\n  fix: write {where} as an "
+                                    "integer in the adapter's config.", where=where)
+        value = int(value)
+    if minimum is not None and value < minimum:
+        raise InvalidValueError(f"{where} must be at least {minimum:g}, not {value!r}.\n  fix: write the value the "
+                                "adapter was trained with in its config.", where=where)
+    return value
+
+
+def check_flag(where: str, value: Any) -> bool:
+    """``value`` if it is a boolean, else a clear error (``"false"`` would read as true)."""
+    if not isinstance(value, bool):
+        raise InvalidValueError(f"{where} must be true or false, not {value!r} ({type(value).__name__}).\n"
+                                f"  fix: write {where} as a JSON boolean in the adapter's config.", where=where)
+    return value
+
+
+def check_regex(where: str, pattern: Any) -> str:
+    """``pattern`` if it is a string that compiles as a regular expression, else a clear error."""
+    if not isinstance(pattern, str):
+        raise InvalidValueError(f"{where} must be a string, not {pattern!r}.", where=where)
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise InvalidValueError(f"{where} {pattern!r} is not a valid regular expression ({e}).\n  fix: correct it "
+                                "in the adapter's config; PEFT would fail to load this adapter too.",
+                                where=where) from e
+    return pattern
 
 
 def match_pattern_key(pattern_keys: Iterator[str] | list[str], module: str) -> str | None:
@@ -58,6 +107,14 @@ class BaseModelRef:
     name_or_path: str | None = None
     revision: str | None = None
     fingerprint: str | None = None
+    #: the base's ``config.json`` ``model_type`` (``"llama"``, ``"bert"``), when recorded
+    model_type: str | None = None
+    #: the model class(es) the adapter was made with (``config.json`` ``architectures``), when recorded
+    architectures: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.architectures is not None and not isinstance(self.architectures, tuple):
+            object.__setattr__(self, "architectures", tuple(self.architectures))
 
 
 @dataclass(frozen=True)
@@ -74,6 +131,22 @@ class LoraSpec:
     use_dora: bool = False
     lora_bias: bool = False
     modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_number("r", self.r, integer=True, minimum=1)
+        check_number("lora_alpha", self.alpha)
+        for flag in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
+            check_flag(flag, getattr(self, flag))
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(pattern, dict):
+                raise InvalidValueError(f"{name} must be an object of module pattern -> value, not {pattern!r}.",
+                                        where=name)
+            for key, value in pattern.items():
+                check_regex(f"{name} key", key)
+                if name == "rank_pattern":
+                    check_number(f"rank_pattern[{key!r}]", value, integer=True, minimum=1)
+                else:
+                    check_number(f"alpha_pattern[{key!r}]", value)
 
     def rank(self, module: str) -> int:
         """The rank PEFT gives ``module``: its ``rank_pattern`` entry, else ``r``."""
@@ -102,12 +175,14 @@ class IA3Spec:
     modules_to_save: tuple[str, ...] = ()
 
     def is_feedforward(self, module: str) -> bool:
+        """Whether IA3 scales ``module``'s input, matched as PEFT matches ``feedforward_modules``: a string is a
+        regular expression matching the whole path, a list entry matches any path that ends with it."""
         ff = self.feedforward_modules
         if ff is None:
             return False
         if isinstance(ff, str):
             return re.fullmatch(ff, module) is not None
-        return any(module == k or module.endswith("." + k) for k in ff)
+        return any(module.endswith(k) for k in ff)
 
 
 @dataclass(frozen=True)
@@ -287,15 +362,22 @@ class Adapter:
         return replace(self, **changes)
 
 
-def summarize(adapter: Adapter) -> dict[str, Any]:
-    """A JSON-ready description: kind, base, targets, ranks, parameter count and sizes."""
+def summarize(adapter: Adapter, *, scan_values: bool = False) -> dict[str, Any]:
+    """A JSON-ready description: kind, base, targets, ranks, parameter count and sizes, weights the config does
+    not apply (``ignored``: name -> why) and, with ``scan_values``, the tensors holding NaN/Inf (``non_finite``:
+    name -> count; every weight is read once, without torch)."""
+    from adapterhub.finite import scan_adapter
+
     t = adapter.tensors
     out: dict[str, Any] = {
         "kind": adapter.kind, "name": adapter.name, "source": str(adapter.source) if adapter.source else None,
         "base": {"name_or_path": adapter.base.name_or_path, "revision": adapter.base.revision,
-                 "fingerprint": adapter.base.fingerprint},
+                 "fingerprint": adapter.base.fingerprint, "model_type": adapter.base.model_type,
+                 "architectures": list(adapter.base.architectures) if adapter.base.architectures else None},
         "num_tensors": len(t), "num_parameters": adapter.num_parameters, "tensor_bytes": adapter.nbytes,
         "dtypes": sorted({t.dtype(n) for n in t}),
+        "non_finite": scan_adapter(adapter) if scan_values else {},
+        "ignored": dict(adapter.extra.get("ignored") or {}),
     }
     if adapter.source is not None and Path(adapter.source).is_dir():
         out["size_on_disk"] = sum(p.stat().st_size for p in Path(adapter.source).iterdir() if p.is_file())

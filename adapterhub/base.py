@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from adapterhub.adapter import BaseModelRef
 from adapterhub.errors import BaseCheckpointError, FormatError
 from adapterhub.formats._files import read_json
 from adapterhub.tensorfile import TensorInfo, read_header
@@ -24,6 +26,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SAMPLE_BYTES = 4096
 SAMPLE_POINTS = 3
 FINGERPRINT_VERSION = "fp1"
+#: tensors only quantized checkpoints have: GPTQ/AWQ packed weights and zeros, bitsandbytes 4-bit quant state
+#: and 8-bit row scales, compressed-tensors / fp8 scales
+_QUANTIZED_TENSOR = re.compile(r"\.(qweight|qzeros|g_idx|absmax|nested_absmax|quant_map|nested_quant_map|SCB|"
+                               r"weight_packed|weight_scale|weight_scale_inv|weight_zero_point)$|\.quant_state\.")
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,51 @@ class BaseCheckpoint:
     @property
     def name_or_path(self) -> str | None:
         return self.config.get("_name_or_path") or None
+
+    @property
+    def model_type(self) -> str | None:
+        """``config.json``'s ``model_type`` (``"llama"``, ``"bert"``), if it says."""
+        value = self.config.get("model_type")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def architectures(self) -> tuple[str, ...] | None:
+        """``config.json``'s ``architectures`` (model class names), if it says."""
+        value = self.config.get("architectures")
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        return None
+
+    def identity(self, recorded: BaseModelRef | None = None) -> BaseModelRef:
+        """What an adapter checked against this checkpoint records about its base: ``recorded``'s name and
+        revision (else this checkpoint's name), and this checkpoint's fingerprint, model type and architectures."""
+        recorded = recorded or BaseModelRef()
+        return BaseModelRef(name_or_path=recorded.name_or_path or self.name_or_path, revision=recorded.revision,
+                            fingerprint=self.fingerprint(), model_type=self.model_type or recorded.model_type,
+                            architectures=self.architectures or recorded.architectures)
+
+    @cached_property
+    def quantization(self) -> dict[str, Any] | None:
+        """How the checkpoint's weights are quantized, or None for a full-precision checkpoint.
+
+        From ``config.json``'s ``quantization_config`` (GPTQ, AWQ, bitsandbytes, fp8 ...) or, without one,
+        from tensors only quantized checkpoints have (GPTQ/AWQ ``qweight``/``qzeros``/``scales``,
+        bitsandbytes ``absmax``/``quant_map``/``quant_state``/``SCB``). Returns ``{"method", "bits", "evidence"}``.
+        """
+        qc = self.config.get("quantization_config") or self.text_config.get("quantization_config")
+        if isinstance(qc, dict) and qc:
+            method = qc.get("quant_method")
+            if not method and (qc.get("load_in_4bit") or qc.get("load_in_8bit")):
+                method = "bitsandbytes"
+            bits = qc.get("bits") or qc.get("w_bit") or (4 if qc.get("load_in_4bit") else 8 if qc.get("load_in_8bit")
+                                                         else None)
+            return {"method": str(method or "unknown"), "bits": bits, "evidence": "config.json quantization_config"}
+        packed = sorted(n for n in self.tensors if _QUANTIZED_TENSOR.search(n))
+        if packed:
+            bnb = any(".absmax" in n or ".quant_state" in n or n.endswith(".SCB") or ".quant_map" in n for n in packed)
+            return {"method": "bitsandbytes" if bnb else "gptq/awq", "bits": None,
+                    "evidence": f"packed tensors such as {packed[0]}"}
+        return None
 
     @property
     def hidden_size(self) -> int | None:

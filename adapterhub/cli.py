@@ -214,7 +214,7 @@ def inspect(adapter: str, allow_pickle: bool, as_json: bool) -> None:
     from adapterhub.formats import detect, read_adapter
 
     fmt = detect(adapter)
-    info = summarize(read_adapter(adapter, format=fmt, allow_pickle=allow_pickle))
+    info = summarize(read_adapter(adapter, format=fmt, allow_pickle=allow_pickle), scan_values=True)
     info["format"] = fmt
     if as_json:
         _emit_json(info)
@@ -229,6 +229,8 @@ def _render_summary(info: dict[str, Any]) -> str:
         base_s += f" @ {base['revision']}"
     if base["fingerprint"]:
         base_s += f"  fingerprint {base['fingerprint'][:20]}..."
+    if base.get("model_type") or base.get("architectures"):
+        base_s += f"  ({', '.join(base.get('architectures') or []) or base['model_type']})"
     kind = info["kind"]
     lines = [f"adapter     {info['source']}", f"format      {info['format']}", f"kind        {kind}",
              f"base        {base_s}", *_adapter_lines(info)]
@@ -267,6 +269,16 @@ def _adapter_lines(info: dict[str, Any]) -> list[str]:
                      f"layers {p['num_layers']}, kv-heads {p['num_kv_heads']}, head_dim {p['head_dim']})")
     if info.get("carried"):
         lines.append(f"carried     {', '.join(info['carried'])}")
+    if info.get("ignored"):
+        ign = info["ignored"]
+        lines.append(f"not applied {len(ign)} tensor(s) ({', '.join(sorted(ign)[:2])}{', ...' if len(ign) > 2 else ''})"
+                     f": {sorted(set(ign.values()))[0]}")
+    if info.get("non_finite"):
+        from adapterhub.finite import describe
+
+        bad = info["non_finite"]
+        lines.append(f"NaN/Inf     {sum(bad.values())} value(s) in {len(bad)} tensor(s): {describe(bad)} -- this "
+                     "adapter is broken; check, blend, export and push refuse it")
     return lines
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapterhub.adapter import Adapter, BaseModelRef
+from adapterhub.adapter import Adapter
 from adapterhub.base import BaseCheckpoint
 from adapterhub.compose.checks import Report, check_adapter
 from adapterhub.errors import UnsupportedAdapterError
@@ -24,10 +24,9 @@ def model_root(base: BaseCheckpoint) -> str:
 
 
 def with_base(adapter: Adapter, base: BaseCheckpoint) -> Adapter:
-    """The adapter with the base's fingerprint recorded (its recorded name kept, else the base's)."""
-    ref = BaseModelRef(name_or_path=adapter.base.name_or_path or base.name_or_path,
-                       revision=adapter.base.revision, fingerprint=base.fingerprint())
-    return adapter.replace(base=ref)
+    """The adapter with the base's identity recorded: fingerprint, model type and architectures (its recorded
+    name kept, else the base's)."""
+    return adapter.replace(base=base.identity(adapter.base))
 
 
 def convert_adapter(src: str | Path, out: str | Path, *, format: str = "peft", base: str | Path | None = None,

@@ -230,3 +230,27 @@ class AttachError(CompatibilityError):
 class AttachedStateError(AdapterHubError, RuntimeError):
     """An operation does not fit the state of an attachment (detached already, a second attachment on
     one model, a module's forward replaced by someone else after attaching)."""
+
+
+# --- values: NaN/Inf and wrong types in weights or configs (hardening: correctness) -----------------
+
+
+class InvalidValueError(CorruptFileError):
+    """A value an adapter computes with is unusable: a boolean or text where a number belongs, a rank
+    below 1, a pattern that is not a valid regular expression. ``where`` names the field or tensor."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, where: str | None = None) -> None:
+        super().__init__(message, path=path)
+        self.where = where
+
+
+class NonFiniteError(InvalidValueError):
+    """NaN or Inf in an adapter's weights or in a number of its config (``lora_alpha``, a pattern value).
+
+    ``counts`` maps each offending tensor (or config field) to its number of non-finite values.
+    """
+
+    def __init__(self, message: str, *, path: str | Path | None = None, where: str | None = None,
+                 counts: dict[str, int] | None = None) -> None:
+        super().__init__(message, path=path, where=where)
+        self.counts = dict(counts or {})

@@ -192,3 +192,20 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
 
     data = {k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())}
     save_file(data, str(path), metadata=dict(sorted((metadata or {}).items())) or None)
+    if metadata and len(metadata) > 1:
+        _sort_metadata(Path(path))
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header in place with its metadata keys sorted: safetensors writes them in hash-map order,
+    which changes from run to run (same length, so no tensor moves)."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        ordered = {"__metadata__": header.pop("__metadata__"), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n and json.loads(text) == json.loads(raw):
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))

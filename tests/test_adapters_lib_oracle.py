@@ -16,8 +16,11 @@ from conftest import ADAPTERS_LIB, FIXTURES, load_base, peft_outputs
 from peft import LoraConfig
 from safetensors.torch import save_file
 
+from adapterhub.adapter import Tensors
+from adapterhub.compose.blend import blend
 from adapterhub.convert import convert_adapter
 from adapterhub.formats import read_adapter, write_adapter
+from adapterhub.formats.adapters_lib import prefix_values
 
 ROOT = Path(__file__).resolve().parent.parent
 ORACLE_PYTHON = ROOT / ".venv-adapters" / "bin" / "python"
@@ -73,3 +76,26 @@ def test_rewritten_library_adapters_still_load(name, tmp_path):
     native = write_adapter(read_adapter(ADAPTERS_LIB / name), tmp_path / "native", format="adapterhub")
     out = write_adapter(read_adapter(native), tmp_path / "lib", format="adapters")
     run_oracle(out, name.split("_", 1)[0], ADAPTERS_LIB / f"{name}.reference.safetensors")
+
+
+@pytest.mark.parametrize("name", ["minilm_seq_bn", "llama_double_seq_bn", "llama_prefix_tuning_flat_safetensors"])
+def test_bottleneck_and_flat_prefix_blends_equal_the_librarys_average_adapter(name, tmp_path):
+    """Weights (0.7, 0.9) do not sum to 1: the library normalises them by default (average_adapter), and so do we."""
+    a = read_adapter(ADAPTERS_LIB / name)
+    g = torch.Generator().manual_seed(9)
+    b = a.replace(tensors=Tensors({n: a.tensors[n] + (torch.randn(a.tensors.shape(n), generator=g) * 0.1).to(
+        a.tensors[n].dtype) for n in a.tensors}))
+    b_dir = write_adapter(b, tmp_path / "b", format="adapters")
+    proc = subprocess.run([str(ORACLE_PYTHON), str(FIXTURES / "adapters_lib_average.py"), name.split("_", 1)[0],
+                           str(tmp_path / "avg"), "0.7", "0.9", str(ADAPTERS_LIB / name), str(b_dir)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    theirs = read_adapter(tmp_path / "avg", allow_pickle=True)  # written just now by the library itself
+    ours = blend([a, read_adapter(b_dir)], [0.7, 0.9])
+    if a.kind == "prefix":
+        torch.testing.assert_close(ours.tensors["prompt_embeddings"], prefix_values(theirs), rtol=1e-6, atol=1e-6)
+        return
+    assert sorted(ours.tensors) == sorted(theirs.tensors)
+    for n in ours.tensors:
+        torch.testing.assert_close(ours.tensors[n], theirs.tensors[n], rtol=1e-6, atol=1e-6, msg=n)

@@ -532,6 +532,24 @@ def test_bottleneck_blend_with_itself_is_itself(bottleneck):
         torch.testing.assert_close(mix.tensors[n], 1.75 * t, rtol=1e-6, atol=0)
 
 
+def test_bottleneck_and_prefix_averages_normalise_the_weights(bottleneck, ads):
+    """As the `adapters` library's average_adapter (normalize_weights=True): blend([a, a]) is a, not 2a."""
+    same = blend([bottleneck, bottleneck])
+    assert all(torch.equal(same.tensors[n], bottleneck.tensors[n]) for n in bottleneck.tensors)
+    doubled = bottleneck.replace(tensors=Tensors({n: 2 * t for n, t in bottleneck.tensors.items()}))
+    mix = blend([bottleneck, doubled], [2, 1])  # = 2/3 a + 1/3 (2a)
+    assert mix.extra["blend"]["normalized_weights"] == [2 / 3, 1 / 3]
+    for n, t in bottleneck.tensors.items():
+        torch.testing.assert_close(mix.tensors[n], (4 / 3) * t, rtol=1e-6, atol=0)
+    p = ads["prefix5a"]
+    assert torch.equal(blend([p, p], [1, 1]).tensors["prompt_embeddings"], p.tensors["prompt_embeddings"])
+    for pair in ([bottleneck, doubled], [p, ads["prefix5b"]]):
+        with pytest.raises(BlendError) as info:
+            blend(pair, [1, -1])
+        assert str(info.value) == ("weights [1.0, -1.0] sum to 0, so they cannot be normalised into an average; "
+                                   "bottleneck and prefix blends average their inputs with weights that sum to 1.")
+
+
 def test_bottleneck_stack_is_refused_as_run_time_only(bottleneck):
     with pytest.raises(CompatibilityError, match="run time") as info:
         stack([bottleneck, bottleneck])

@@ -206,3 +206,90 @@ def test_composable_detects_different_bases_by_fingerprint(llama_base, llama_oth
     b = with_base(read_adapter(make_peft(llama_other, LoraConfig(r=2, target_modules=["q_proj"]))),
                   BaseCheckpoint.open(llama_other))
     assert codes(check_composable([a, b])) == ["base-fingerprint"]
+
+
+# --- architecture identity --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mistral_base(tmp_path_factory):
+    """A tiny Mistral with the Llama fixture's sizes: the same module names and shapes, another architecture."""
+    import torch
+    from conftest import TINY_LLAMA
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**TINY_LLAMA)).eval()
+    return save_model(model, tmp_path_factory.mktemp("mistral") / "base")
+
+
+def test_an_adapter_for_another_architecture_of_the_same_sizes_fails(base, llama_base, mistral_base, make_peft):
+    mistral = BaseCheckpoint.open(mistral_base)
+    assert sorted(mistral.modules) == sorted(base.modules)  # nothing but the recorded identity tells them apart
+    llama_lora = read_adapter(make_peft(llama_base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])))
+    assert (llama_lora.base.model_type, llama_lora.base.architectures) == ("llama", ("LlamaForCausalLM",))
+    assert check_adapter(llama_lora, base).ok
+    report = check_adapter(llama_lora, mistral)
+    assert codes(report) == ["base-architecture"]
+    assert report.errors[0].message == "the adapter was made for a 'llama' model, the base is a 'mistral' model"
+    mistral_lora = read_adapter(make_peft(mistral_base, LoraConfig(r=2, target_modules=["q_proj"])))
+    assert codes(check_adapter(mistral_lora, base)) == ["base-architecture"]
+    assert codes(check_composable([llama_lora, mistral_lora])) == ["base-architecture"]
+
+
+def test_identity_recorded_by_convert_and_push_with_base(base, llama_base, mistral_base, make_peft, tmp_path):
+    from adapterhub.registry import Registry
+
+    # saved with a task type, PEFT records no model class: only --base can record the architecture
+    src = make_peft(llama_base, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    bare = read_adapter(src)
+    assert bare.base.model_type is None and bare.base.architectures is None
+    mistral = BaseCheckpoint.open(mistral_base)
+    assert check_adapter(bare, mistral).ok  # nothing recorded: the check cannot tell
+    for fmt in ("peft", "adapterhub", "adapters"):
+        out = write_adapter(with_base(bare, base), tmp_path / fmt, format=fmt,
+                            **({"hidden_size": 64} if fmt == "adapters" else {}))
+        again = read_adapter(out)
+        assert (again.base.model_type, again.base.architectures) == ("llama", ("LlamaForCausalLM",)), fmt
+        assert codes(check_adapter(again, mistral)) == ["base-architecture"], fmt
+    reg = Registry(tmp_path / "reg")
+    pushed = reg.push(src, "team/qa", base=llama_base)
+    assert pushed.manifest["base"]["model_type"] == "llama"
+    assert pushed.manifest["base"]["architectures"] == ["LlamaForCausalLM"]
+    assert codes(check_adapter(reg.load("team/qa"), mistral)) == ["base-architecture"]
+
+
+def test_minilm_and_llama_adapters_refuse_each_others_base(base, llama_base, minilm_dir, make_peft):
+    minilm = BaseCheckpoint.open(minilm_dir)
+    bert_lora = read_adapter(make_peft(minilm_dir, LoraConfig(r=2, target_modules=["query", "value"])))
+    llama_lora = read_adapter(make_peft(llama_base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])))
+    assert codes(check_adapter(bert_lora, base)) == ["base-architecture", "target-missing"]
+    assert codes(check_adapter(llama_lora, minilm)) == ["base-architecture", "target-missing"]
+    # the `adapters` library records the model class it was made with
+    lib = read_adapter(ADAPTERS_LIB / "minilm_lora")
+    assert (lib.base.model_type, lib.base.architectures) == ("bert", ("BertModel",))
+    assert "base-architecture" in codes(check_adapter(lib, base))
+
+
+def test_paths_are_never_mapped_onto_another_structure():
+    base = ["model.decoder.layers.0.mlp.down_proj", "model.encoder.layers.0.mlp.down_proj", "lm_head"]
+    # replacing the prefix `model.` with `model.decoder.` would put a decoder-only adapter on a decoder stack
+    assert resolve_module("model.layers.0.mlp.down_proj", base) == (None, [])
+    assert resolve_module("text_model.encoder.layers.0.q", ["vision_model.encoder.layers.0.q"]) == (None, [])
+    # one-sided wrapper prefixes still resolve
+    assert resolve_module("decoder.layers.0.mlp.down_proj", base)[0] == base[0]
+    assert resolve_module("base_model.model.model.decoder.layers.0.mlp.down_proj", base)[0] == base[0]
+
+
+def test_mixed_prefixes_mean_another_structure(base, llama_base, make_peft):
+    import torch
+
+    from adapterhub.adapter import Adapter, LoraSpec, Tensors
+
+    t = {"model.layers.0.self_attn.q_proj.lora_A": torch.zeros(2, 64),
+         "model.layers.0.self_attn.q_proj.lora_B": torch.zeros(64, 2),
+         "layers.1.self_attn.q_proj.lora_A": torch.zeros(2, 64), "layers.1.self_attn.q_proj.lora_B": torch.zeros(64, 2)}
+    mixed = Adapter(kind="lora", spec=LoraSpec(r=2, alpha=2), tensors=Tensors(t))
+    report = check_adapter(mixed, base)
+    assert codes(report) == ["target-structure"]
+    assert "'' -> ''" in report.errors[0].message and "'' -> 'model.'" in report.errors[0].message

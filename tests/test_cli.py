@@ -56,7 +56,7 @@ def test_check_exit_codes(llama_base, minilm_dir, make_peft, tmp_path):
     assert "error[target-missing] model.layers.0.self_attn.q_proj: no weight of this module" in bad.output
     data = json.loads(run("check", src, "--base", minilm_dir, "--json").output)
     assert data["compatible"] is False and {p["code"] for p in data["problems"] if p["severity"] == "error"} == {
-        "target-missing"}
+        "base-architecture", "target-missing"}
     missing = run("check", tmp_path / "nope", "--base", llama_base)
     assert missing.exit_code == 2 and "does not exist" in missing.output
     empty = tmp_path / "empty"

@@ -320,12 +320,20 @@ def test_a_failing_read_stops_the_pipeline_and_leaves_nothing(sharded_base, make
 def test_a_nan_fold_stops_the_pipeline_and_leaves_nothing(llama_base, make_peft, tmp_path):
     from adapterhub.adapter import Tensors
     from adapterhub.compose.merge import MergeError
+    from adapterhub.errors import NonFiniteError
 
     a = read_adapter(make_peft(llama_base, LoraConfig(r=4, target_modules=["v_proj"])))
     names = a.module_tensors("model.layers.1.self_attn.v_proj")
-    bad = a.tensors[names["lora_B"]].clone()
-    bad[0, 0] = float("nan")
-    poisoned = a.replace(tensors=Tensors({**{k: a.tensors[k] for k in a.tensors}, names["lora_B"]: bad}))
+    tensors = {k: a.tensors[k] for k in a.tensors}
+    nan = tensors[names["lora_B"]].clone()
+    nan[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.self_attn\.v_proj\.lora_B \(1 value\)"):
+        export_merged(llama_base, [a.replace(tensors=Tensors({**tensors, names["lora_B"]: nan}))], tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    # finite factors whose product overflows float32: found while folding, and the pipeline stops
+    big_a, big_b = tensors[names["lora_A"]].clone(), tensors[names["lora_B"]].clone()
+    big_a[0, :], big_b[0, 0] = 100.0, 3e38
+    poisoned = a.replace(tensors=Tensors({**tensors, names["lora_A"]: big_a, names["lora_B"]: big_b}))
     with pytest.raises(MergeError, match=r"v_proj\.weight gives 64 NaN"):
         export_merged(llama_base, [poisoned], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -226,7 +226,7 @@ def test_corrupt_config(llama_base, make_peft, tmp_path):
     with pytest.raises(CorruptFileError, match="not valid JSON"):
         read_adapter(src)
     (src / peft.CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "lora_alpha": 8}))
-    with pytest.raises(CorruptFileError, match="invalid LORA config"):
+    with pytest.raises(CorruptFileError, match="target_modules is null: PEFT would pick default targets"):
         read_adapter(src)
 
 

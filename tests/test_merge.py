@@ -12,7 +12,7 @@ from peft import IA3Config, LoraConfig, PeftModel
 from adapterhub.adapter import Adapter, Tensors
 from adapterhub.base import BaseCheckpoint
 from adapterhub.compose.merge import MergeError, fold, merge_into, merge_state_dict, plan_merge
-from adapterhub.errors import CompatibilityError
+from adapterhub.errors import CompatibilityError, NonFiniteError
 from adapterhub.formats import read_adapter
 from adapterhub.tensorfile import load_tensor
 
@@ -186,12 +186,27 @@ def test_merging_does_not_change_in_memory_adapters(dirs, base, llama_base):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_results_are_refused_naming_the_tensor(two_loras, base, bad):
+def test_non_finite_adapter_weights_are_refused_before_folding(two_loras, base, bad):
     adapter = two_loras[0]
     names = adapter.module_tensors("model.layers.1.self_attn.v_proj")
     B = adapter.tensors[names["lora_B"]].clone()
     B[3, 1] = bad
     broken = in_memory(adapter, **{names["lora_B"]: B})
+    with pytest.raises(NonFiniteError) as info:
+        merge_into(base, [two_loras[1], broken])
+    assert str(info.value) == (
+        f"{broken.source}: 1 NaN/Inf value(s) in 1 tensor(s): model.layers.1.self_attn.v_proj.lora_B (1 value).\n"
+        "  fix: the adapter's weights are broken (training diverged or the file was damaged); re-export them from a "
+        "good checkpoint. Nothing was written.")
+    assert info.value.counts == {"model.layers.1.self_attn.v_proj.lora_B": 1}
+
+
+def test_finite_factors_that_overflow_are_refused_naming_the_tensor(two_loras, base):
+    adapter = two_loras[0]
+    names = adapter.module_tensors("model.layers.1.self_attn.v_proj")
+    A, B = adapter.tensors[names["lora_A"]].clone(), adapter.tensors[names["lora_B"]].clone()
+    A[0, :], B[3, 0] = 100.0, 3e38  # each finite in float32; their product is not
+    broken = in_memory(adapter, **{names["lora_A"]: A, names["lora_B"]: B})
     with pytest.raises(MergeError, match=r"model\.layers\.1\.self_attn\.v_proj\.weight gives \d+ NaN/Inf") as info:
         merge_into(base, [two_loras[1], broken])
     assert "nothing was written" in str(info.value) and str(broken.source) in str(info.value)
@@ -280,3 +295,35 @@ def test_folding_in_row_pieces_equals_folding_whole(name, dirs, base):
     target = next(t for t in plan.folds if base.tensors[t].shape[0] > 3)
     with pytest.raises(MergeError, match="rows"):
         fold(target, base_tensor(base, target)[:3], plan, rows=(0, 2))
+
+
+# --- LoRA and IA3 on one module: one order, whatever order the sources come in --------------------------
+
+
+def test_lora_and_ia3_on_one_module_fold_the_same_in_either_order(dirs, base, llama_base, minilm_dir, make_peft):
+    """LoRA deltas add first, IA3 vectors scale after: (W + dW) * l, as merging the LoRA with PEFT and then the
+    IA3 adapter into that merged model gives."""
+    lora = read_adapter(dirs["lora-all-linear-patterns"])  # every linear layer of both layers
+    for name in ("ia3-feedforward", "ia3-output"):  # scaling the input of down_proj / the output of q, up
+        ia3 = read_adapter(dirs[name])
+        assert set(ia3.modules()) & set(lora.modules())
+        first, second = merge_into(base, [lora, ia3]), merge_into(base, [ia3, lora])
+        assert all(torch.equal(first[k], second[k]) for k in first)
+        model = load_base(llama_base)
+        for d in (dirs["lora-all-linear-patterns"], dirs[name]):
+            model = PeftModel.from_pretrained(model, d).merge_and_unload()
+        theirs = model.state_dict()
+        for k, t in theirs.items():
+            torch.testing.assert_close(first[k], t, rtol=0, atol=1e-6, msg=k)
+    # with biases: an output-side vector scales the bias after the LoRA bias is added
+    bias_lora = read_adapter(make_peft(minilm_dir, LoraConfig(r=2, target_modules=["query"], lora_bias=True), seed=5))
+    bias_ia3 = read_adapter(make_peft(minilm_dir, IA3Config(target_modules=["query"], feedforward_modules=[]), seed=6))
+    minilm = BaseCheckpoint.open(minilm_dir)
+    first, second = merge_into(minilm, [bias_lora, bias_ia3]), merge_into(minilm, [bias_ia3, bias_lora])
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    model = load_base(minilm_dir)
+    for a in (bias_lora, bias_ia3):
+        model = PeftModel.from_pretrained(model, a.source).merge_and_unload()
+    for k, t in model.state_dict().items():
+        if k in first:
+            torch.testing.assert_close(first[k], t, rtol=0, atol=1e-6, msg=k)

@@ -16,9 +16,14 @@ method                    result
 ``magnitude_prune``       magnitude-prune each delta, weighted sum; rank k
 ========================  ============================================================================
 
-IA3 blends are weighted sums of the scaling vectors; bottleneck adapters are weighted *parameter*
-averages (identical configs required: this averages weights, not outputs); prefixes are weighted
-averages of the materialised prefix values (equal lengths required).
+IA3 blends are weighted sums of the scaling vectors (as PEFT's ``add_weighted_adapter``); bottleneck
+adapters are weighted *parameter* averages (identical configs required: this averages weights, not
+outputs) and prefixes weighted averages of the materialised prefix values (equal lengths required),
+both with the weights normalised to sum to 1 as the ``adapters`` library's ``average_adapter`` does by
+default: ``blend([a, a])`` is ``a``, and weights (2, 1) mean (2/3, 1/3).
+
+Every input is scanned for NaN/Inf first (:class:`~adapterhub.errors.NonFiniteError`), and every
+result is checked to be finite before it is returned.
 """
 
 from __future__ import annotations
@@ -261,8 +266,11 @@ def _lora_result(adapters: Sequence[Adapter], factors: dict[str, tuple[torch.Ten
 def _base(adapters: Sequence[Adapter]) -> BaseModelRef:
     first = adapters[0].base
     fps = [a.base.fingerprint for a in adapters if a.base.fingerprint]
+    types = [a.base.model_type for a in adapters if a.base.model_type]
+    archs = [a.base.architectures for a in adapters if a.base.architectures]
     return BaseModelRef(name_or_path=first.name_or_path, revision=first.revision,
-                        fingerprint=fps[0] if fps else None)
+                        fingerprint=fps[0] if fps else None, model_type=types[0] if types else None,
+                        architectures=archs[0] if archs else None)
 
 
 def _concat(fs: list[_Factors]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -452,29 +460,65 @@ def _ia3_result(adapters: Sequence[Adapter], vectors: dict[str, torch.Tensor], m
                    base=_base(adapters), extra={"blend": {"method": method}})
 
 
+def normalized(weights: Sequence[float]) -> list[float]:
+    """Weights divided by their sum, as the ``adapters`` library's ``average_adapter(normalize_weights=True)``.
+
+    Raises:
+        BlendError: the weights sum to 0 (an average of them is undefined).
+    """
+    total = math.fsum(weights)
+    if total == 0.0:
+        raise BlendError(f"weights {list(weights)} sum to 0, so they cannot be normalised into an average; "
+                         "bottleneck and prefix blends average their inputs with weights that sum to 1.")
+    return [w / total for w in weights]
+
+
 def _param_average(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
     first = adapters[0]
+    weights = normalized(weights)
     out = {}
     for name in first.tensors:
         acc = sum(a.tensors[name].double() * w for a, w in zip(adapters, weights, strict=True))
         out[name] = acc.to(first.tensors[name].dtype)
     return first.replace(tensors=Tensors(out), base=_base(adapters), extra={
-        **{k: v for k, v in first.extra.items() if k != "blend"}, "blend": {"method": "linear"}})
+        **{k: v for k, v in first.extra.items() if k != "blend"},
+        "blend": {"method": "linear", "normalized_weights": weights}})
 
 
 def _prefix_average(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
     from adapterhub.formats.adapters_lib import prefix_values
 
+    weights = normalized(weights)
     values = [prefix_values(a) for a in adapters]
     acc = sum(v.double() * w for v, w in zip(values, weights, strict=True))
     spec = adapters[0].spec
     out_spec = PrefixSpec(num_virtual_tokens=spec.num_virtual_tokens, width=spec.width, num_layers=spec.num_layers,
                           num_kv_heads=spec.num_kv_heads, token_dim=spec.token_dim, layout="peft")
     return Adapter(kind="prefix", spec=out_spec, tensors=Tensors({"prompt_embeddings": acc.to(values[0].dtype)}),
-                   base=_base(adapters), extra={"blend": {"method": "linear"}})
+                   base=_base(adapters), extra={"blend": {"method": "linear", "normalized_weights": weights}})
 
 
 # --- entry points ----------------------------------------------------------------------------------
+
+
+def _inputs_finite(adapters: Sequence[Adapter], labels: Sequence[str] | None) -> None:
+    """NaN/Inf in any input stops a blend before anything is computed (an SVD of them fails, a sum spreads them)."""
+    from adapterhub.finite import ensure_finite
+
+    for i, a in enumerate(adapters):
+        ensure_finite(a, label=labels[i] if labels else None)
+
+
+def _result_finite(result: Adapter, method: str) -> None:
+    """Finite inputs can still overflow (huge weights): the result is checked before anyone writes it."""
+    from adapterhub.finite import scan
+
+    bad = scan(result.tensors)
+    if bad:
+        from adapterhub.finite import non_finite_error
+
+        raise non_finite_error(bad, f"the {method} blend's result", fix="finite inputs overflowed the result's "
+                               "dtype: use smaller blend weights")
 
 
 def blend(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, method: str = "linear", *,
@@ -501,6 +545,8 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, m
     adapters = list(adapters)
     if not adapters:
         raise BlendError("blend needs at least one adapter.")
+    if weights is not None and any(isinstance(w, bool) for w in weights):
+        raise BlendError(f"weights must be numbers, not booleans ({list(weights)}).")
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     if len(weights) != len(adapters):
         raise BlendError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s); give one weight per adapter.")
@@ -512,7 +558,9 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, m
         raise BlendError(f"method {method!r} does not blend {kind} adapters; for {kind} use: "
                          f"{', '.join(sorted(n for n, m in METHODS.items() if kind in m.kinds))}.")
     check_composable(adapters, mode="blend", names=labels).raise_for_errors()
+    _inputs_finite(adapters, labels)
     result = spec.fn(adapters, weights, **options)
+    _result_finite(result, method)
     info = dict(result.extra.get("blend") or {})
     info.update({"weights": weights, "options": options})
     return result.replace(extra={**result.extra, "blend": info})
@@ -526,6 +574,7 @@ def stack(adapters: Sequence[Adapter], *, labels: Sequence[str] | None = None) -
 
     adapters = list(adapters)
     check_composable(adapters, mode="stack", names=labels).raise_for_errors()
+    _inputs_finite(adapters, labels)
     kind = adapters[0].kind
     if kind == "lora":
         out = linear(adapters, [1.0] * len(adapters))

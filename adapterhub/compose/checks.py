@@ -60,6 +60,12 @@ class BaseView(Protocol):
     def num_kv_heads(self) -> int | None: ...
     @property
     def head_dim(self) -> int | None: ...
+    @property
+    def model_type(self) -> str | None: ...
+    @property
+    def architectures(self) -> Sequence[str] | None: ...
+    @property
+    def quantization(self) -> dict[str, Any] | None: ...
     def fingerprint(self) -> str | None: ...
 
 
@@ -118,6 +124,11 @@ class Report:
 class _Collector:
     def __init__(self) -> None:
         self.problems: list[Problem] = []
+        #: (adapter-only prefix, base-only prefix) -> an adapter path resolved that way
+        self.translations: dict[tuple[str, str], str] = {}
+
+    def resolved(self, module: str, match: str) -> None:
+        self.translations.setdefault(translation(module, match), module)
 
     def add(self, severity: Severity, code: str, where: str, message: str, fix: str = "") -> None:
         self.problems.append(Problem(severity, code, where, message, fix))
@@ -127,33 +138,47 @@ class _Collector:
 
 
 def resolve_module(module: str, base_modules: Sequence[str] | dict[str, Any]) -> tuple[str | None, list[str]]:
-    """Find the base module an adapter's module path names, tolerating wrapper prefixes.
+    """Find the base module an adapter's module path names, tolerating a wrapper prefix on one side.
 
-    Tries the path as is, then with up to ``MAX_PREFIX_PARTS`` leading components removed from
-    either side (``base_model.model.``, ``model.``, ``bert.`` ...). Returns ``(match, candidates)``:
-    ``match`` is None when nothing or more than one module fits; ``candidates`` lists the ties.
+    The path matches a base path that is equal to it, that it ends with after up to
+    ``MAX_PREFIX_PARTS`` leading wrapper components (``base_model.model.``, ``model.``), or that ends
+    with it after up to ``MAX_PREFIX_PARTS`` components the adapter lacks (``model.``, ``bert.``).
+    Never both: replacing one prefix by another (``model.layers.0`` onto ``model.decoder.layers.0``)
+    would map a module onto a structurally different one. Returns ``(match, candidates)``: ``match``
+    is None when nothing or more than one module fits; ``candidates`` lists the ties.
     """
     names = base_modules if isinstance(base_modules, dict) else dict.fromkeys(base_modules)
+    if module in names:
+        return module, [module]
     parts = module.split(".")
-    for strip in range(min(MAX_PREFIX_PARTS, len(parts) - 1) + 1):
+    for strip in range(1, min(MAX_PREFIX_PARTS, len(parts) - 1) + 1):
         suffix = ".".join(parts[strip:])
         if suffix in names:
             return suffix, [suffix]
-        depth = suffix.count(".")
-        found = [b for b in names if b.endswith("." + suffix) and b.count(".") - depth <= MAX_PREFIX_PARTS]
-        if len(found) == 1:
-            return found[0], found
-        if found:
-            return None, sorted(found)
-    return None, []
+    depth = module.count(".")
+    found = [b for b in names if b.endswith("." + module) and b.count(".") - depth <= MAX_PREFIX_PARTS]
+    if len(found) == 1:
+        return found[0], found
+    return None, sorted(found)
 
 
-def _resolve_tensor(name: str, base: BaseView) -> str | None:
+def translation(module: str, match: str) -> tuple[str, str]:
+    """(prefix only the adapter's path has, prefix only the base's path has) for a resolved pair."""
+    if match == module:
+        return "", ""
+    if module.endswith("." + match):
+        return module[: -len(match)], ""
+    return "", match[: -len(module)]
+
+
+def _resolve_tensor(name: str, base: BaseView, c: _Collector | None = None) -> str | None:
     """Base tensor for a carried adapter tensor (``lm_head.weight``, ``...embed_tokens.base_layer.weight``)."""
     plain = name.replace(".modules_to_save.", ".").replace(".base_layer.", ".")
     module, _, param = plain.rpartition(".")
     owners = {n.rpartition(".")[0]: None for n in base.tensors if n.endswith("." + param)}
     match, _ = resolve_module(module, owners)
+    if match is not None and c is not None:
+        c.resolved(module, match)
     return f"{match}.{param}" if match is not None else None
 
 
@@ -161,16 +186,24 @@ def _resolve_tensor(name: str, base: BaseView) -> str | None:
 
 
 def check_adapter(adapter: Adapter, base: BaseView, *, subject: str | None = None,
-                  strict_identity: bool = False) -> Report:
-    """Check that ``adapter`` applies to ``base``: targets, shapes, dtypes, kind rules, base identity.
+                  strict_identity: bool = False, scan_values: bool = True) -> Report:
+    """Check that ``adapter`` applies to ``base``: targets, shapes, dtypes, kind rules, base identity and
+    architecture, NaN/Inf in the weights.
 
     Args:
         strict_identity: a recorded base name that differs from the checkpoint's is an error
             instead of a warning. A recorded fingerprint that differs is always an error.
+        scan_values: read every weight to report NaN/Inf (numpy over the file bytes; off when the caller
+            has scanned already).
     """
     c = _Collector()
     resolved: dict[str, str] = {}
+    label = subject or str(adapter.source or adapter.name or "adapter")
+    if base.quantization is not None:
+        _quantized(base, c)
+        return Report(subject=label, against=str(base.path), problems=tuple(c.problems))
     _check_identity(adapter.base, base, c, strict_identity)
+    _check_values(adapter, c, scan_values)
     if adapter.kind == "lora":
         _check_lora(adapter, base, c, resolved)
     elif adapter.kind == "ia3":
@@ -181,11 +214,77 @@ def check_adapter(adapter: Adapter, base: BaseView, *, subject: str | None = Non
         _check_bottleneck(adapter, base, c, resolved)
     if adapter.kind in ("lora", "ia3"):
         _check_carried(adapter, base, c, resolved)
-    return Report(subject=subject or str(adapter.source or adapter.name or "adapter"), against=str(base.path),
-                  problems=tuple(c.problems), resolved=resolved)
+    _check_translation(c, base)
+    return Report(subject=label, against=str(base.path), problems=tuple(c.problems), resolved=resolved)
+
+
+def _quantized(base: BaseView, c: _Collector) -> None:
+    q = base.quantization or {}
+    bits = f", {q['bits']}-bit" if q.get("bits") else ""
+    c.add("error", "base-quantized", str(base.path),
+          f"this base checkpoint is quantized ({q.get('method')}{bits}; {q.get('evidence')}): its weights are stored "
+          "packed and scaled, so adapters are neither checked against them nor folded into them",
+          "use the full-precision base the quantized model was made from: an adapter trained on a quantized base "
+          "(QLoRA) applies to, and folds into, that full-precision model (pass its directory as --base)")
+
+
+def _check_values(adapter: Adapter, c: _Collector, scan: bool) -> None:
+    """NaN/Inf in the adapter's weights (scanned from the file bytes), and weights the config leaves unapplied."""
+    from adapterhub.finite import scan_adapter
+
+    for name, count in sorted(scan_adapter(adapter).items() if scan else ()):
+        c.add("error", "non-finite", name, f"holds {count} NaN/Inf value(s)",
+              "the adapter's weights are broken (training diverged or the file is damaged); re-export them")
+    ignored = adapter.extra.get("ignored") or {}
+    if ignored:
+        reasons = sorted(set(ignored.values()))
+        c.add("warning", "not-applied", "adapter",
+              f"{len(ignored)} tensor(s) of the weights file are not applied ({', '.join(sorted(ignored)[:3])}"
+              f"{', ...' if len(ignored) > 3 else ''}): {reasons[0]}",
+              "nothing to do if that is intended; otherwise fix the config (PEFT applies exactly the same)")
+
+
+def _check_translation(c: _Collector, base: BaseView) -> None:
+    """Every adapter path must map onto the base with one and the same wrapper prefix: a model's modules do
+    not sit under different wrappers, so mixed prefixes mean the paths were matched onto another structure."""
+    if len(c.translations) > 1:
+        shown = "; ".join(f"'{a}' -> '{b}' (e.g. {m})" for (a, b), m in sorted(c.translations.items())[:3])
+        c.add("error", "target-structure", str(base.path),
+              f"the adapter's module paths map onto the base with different prefixes ({shown}), so they do not "
+              "describe this base's structure", "the adapter was made for a different architecture")
+
+
+def _family(cls: str) -> str:
+    """A model class's architecture family: ``LlamaForCausalLM`` -> ``llama``, ``GPT2LMHeadModel`` -> ``gpt2``."""
+    m = re.match(r"^(.+?)(For[A-Z]\w*|LMHeadModel|EncoderModel|DecoderModel|Model)$", cls)
+    return (m.group(1) if m else cls).lower()
+
+
+def _norm_type(model_type: str) -> str:
+    return model_type.lower().replace("-", "_")
+
+
+def architecture_mismatch(ref: BaseModelRef, model_type: str | None, architectures: Sequence[str] | None,
+                          other: str = "the base is") -> str | None:
+    """Why an adapter recorded for ``ref`` cannot be for a model of ``model_type`` / ``architectures``, or None
+    when the records agree or do not say."""
+    if ref.model_type and model_type and _norm_type(ref.model_type) != _norm_type(model_type):
+        return f"the adapter was made for a '{ref.model_type}' model, {other} for a '{model_type}' model" \
+            if other != "the base is" else \
+            f"the adapter was made for a '{ref.model_type}' model, the base is a '{model_type}' model"
+    if ref.architectures and architectures:
+        mine, theirs = {_family(a) for a in ref.architectures}, {_family(a) for a in architectures}
+        if not mine & theirs:
+            return f"the adapter was made with {', '.join(ref.architectures)}, {other} {', '.join(architectures)}"
+    return None
 
 
 def _check_identity(ref: BaseModelRef, base: BaseView, c: _Collector, strict: bool) -> None:
+    why = architecture_mismatch(ref, base.model_type, base.architectures)
+    if why:
+        c.add("error", "base-architecture", str(base.path), why,
+              "use a base of the architecture the adapter was trained on; module names and sizes can agree "
+              "between architectures that compute differently")
     if ref.fingerprint:
         actual = base.fingerprint()
         if actual is None:
@@ -211,6 +310,8 @@ def _norm(name: str) -> str:
 
 def _resolve(module: str, base: BaseView, c: _Collector) -> str | None:
     match, candidates = resolve_module(module, base.modules)
+    if match is not None:
+        c.resolved(module, match)
     if match is None:
         if candidates:
             c.add("error", "target-ambiguous", module,
@@ -242,6 +343,10 @@ def _targets(adapter: Adapter, base: BaseView, c: _Collector,
             continue
         w = base.tensors[base.modules[target]]
         resolved[m] = w.name
+        if w.dtype not in FLOAT_DTYPES:
+            c.add("error", "base-dtype", m, f"the base weight {w.name} is {w.dtype}, not floating point (a quantized "
+                  "weight)", "use the full-precision base the quantized model was made from")
+            continue
         names = adapter.module_tensors(m)
         _check_dtypes(adapter, names, m, c)
         yield m, names, w
@@ -297,7 +402,7 @@ def _check_lora(adapter: Adapter, base: BaseView, c: _Collector, resolved: dict[
                 c.add("error", "shape", m, f"{role} is {shapes[role]}, expected ({out_dim},)",
                       "the adapter was made for a model with other dimensions")
     if spec.use_dora:
-        c.add("info", "dora", "adapter", "DoRA magnitude vectors present: merging must renormalise per column", "")
+        c.add("info", "dora", "adapter", "DoRA: merging renormalises each row of the weight to its magnitude", "")
     if dtype_note:
         c.add("info", "dtype", "adapter", f"adapter dtype(s) {', '.join(sorted(dtype_note))} differ from the base's; "
               "folding computes in float32 and rounds once to the base dtype", "")
@@ -324,7 +429,7 @@ def _check_ia3(adapter: Adapter, base: BaseView, c: _Collector, resolved: dict[s
 
 def _check_carried(adapter: Adapter, base: BaseView, c: _Collector, resolved: dict[str, str]) -> None:
     for name in adapter.carried():
-        target = _resolve_tensor(name, base)
+        target = _resolve_tensor(name, base, c)
         if target is None:
             c.add("error", "target-missing", name, "this saved module (modules_to_save) has no counterpart in the base",
                   "the adapter was made for a model with another head or architecture")
@@ -354,6 +459,11 @@ def _check_prefix(adapter: Adapter, base: BaseView, c: _Collector) -> None:
               f"each virtual token holds {s.width} values; this base needs {layers} layers x 2 (key, value) x "
               f"{kv} kv-heads x {hd} head_dim = {layers * 2 * kv * hd}",
               "the adapter was made for a model with other attention sizes (or without GQA)")
+    saved = sorted(n for n in adapter.tensors if n != "prompt_embeddings") if s.layout == "peft" else []
+    if saved:
+        c.add("error", "prefix-saved-modules", ", ".join(saved[:3]),
+              f"the prefix adapter also holds {len(saved)} saved module tensor(s) (modules_to_save, e.g. a "
+              "classification head), which adapterhub does not apply", "apply this adapter with PEFT")
     if s.layout == "peft" and "prompt_embeddings" in adapter.tensors:
         shape = tuple(adapter.tensors.shape("prompt_embeddings"))
         want_shape = (s.num_virtual_tokens, s.width)
@@ -400,6 +510,7 @@ def _check_bottleneck(adapter: Adapter, base: BaseView, c: _Collector, resolved:
                   "this adapter location is not a module of the base", "the adapter was made for another architecture")
         else:
             resolved[loc] = match
+            c.resolved(host, match)
         if hidden is not None:
             for n in locations[loc]:
                 shp = adapter.tensors.shape(n)
@@ -434,6 +545,11 @@ def check_composable(adapters: Sequence[Adapter], *, mode: Literal["blend", "sta
     if len(fps) > 1:
         c.add("error", "base-fingerprint", subject, "the adapters were trained on different base weights "
               f"({len(fps)} fingerprints)", "combine only adapters of one base")
+    for label, a in zip(labels[1:], adapters[1:], strict=True):
+        why = architecture_mismatch(a.base, first.base.model_type, first.base.architectures,
+                                    other=f"{labels[0]} was made with")
+        if why:
+            c.add("error", "base-architecture", label, why, "combine only adapters of one architecture")
     base_names = {_norm(a.base.name_or_path) for a in adapters if a.base.name_or_path}
     if len(base_names) > 1:
         c.add("warning", "base-name", subject, f"the adapters name different bases: {', '.join(sorted(base_names))}",
@@ -453,6 +569,12 @@ def check_composable(adapters: Sequence[Adapter], *, mode: Literal["blend", "sta
             elif {n: a.tensors.shape(n) for n in a.tensors} != {n: first.tensors.shape(n) for n in first.tensors}:
                 c.add("error", "shape", label, f"its tensors differ in names or shapes from {labels[0]}'s", "")
     else:
+        for label, a in zip(labels, adapters, strict=True):
+            saved = sorted(n for n in a.tensors if n != "prompt_embeddings") if a.spec.layout == "peft" else []
+            if saved:
+                c.add("error", "prefix-saved-modules", label, f"holds saved module tensors ({', '.join(saved[:3])}; "
+                      "modules_to_save, e.g. a classification head) that a prefix blend would drop",
+                      "blend prefixes without saved modules")
         for label, a in zip(labels[1:], adapters[1:], strict=True):
             s, f = a.spec, first.spec
             for what in ("num_layers", "num_kv_heads", "token_dim", "layout"):

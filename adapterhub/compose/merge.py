@@ -29,7 +29,7 @@ class Fold:
     adapter: int  # index into the plan's adapters
     module: str
     weight: float
-    role: str  # "lora", "lora_embedding", "lora_bias", "dora", "ia3", "replace"
+    role: str  # "lora", "lora_embedding", "lora_bias", "dora", "ia3", "ia3_bias", "replace"
 
 
 @dataclass
@@ -48,10 +48,19 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[Adapter], weights: Seque
                strict_identity: bool = False) -> MergePlan:
     """Check every adapter against the base and map its modules to base tensor names.
 
+    Order, the same whatever the order of ``adapters``: on each base tensor a saved copy
+    (``modules_to_save``) replaces the weight first, then every LoRA delta (and LoRA bias, DoRA) is
+    added, then IA3 vectors scale the result: ``(W + sum dW) * l``. That is what merging the LoRA
+    adapters with PEFT and then the IA3 adapter into the merged model gives; PEFT defines no order for
+    LoRA and IA3 on one module when both are active.
+
     Raises:
+        NonFiniteError: an adapter's weights hold NaN/Inf (named with their count).
         CompatibilityError: an adapter does not fit the base (with its report).
         MergeError: an adapter kind that cannot be folded, or DoRA mixed with other adapters on a module.
     """
+    from adapterhub.finite import ensure_finite
+
     adapters = list(adapters)
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     if len(weights) != len(adapters):
@@ -66,13 +75,18 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[Adapter], weights: Seque
                              "--keep-unmerged to write it beside the merged checkpoint.")
         if a.kind == "ia3" and weights[i] != 1.0:
             raise MergeError(f"{label}: an IA3 adapter folds as a product; weight it with blend() first.")
-        report = check_adapter(a, base, subject=label, strict_identity=strict_identity)
+        ensure_finite(a, label=label)
+        report = check_adapter(a, base, subject=label, strict_identity=strict_identity, scan_values=False)
         report.raise_for_errors()
         for m in a.modules():
             target = report.resolved[m]
             names = a.module_tensors(m)
             if a.kind == "ia3":
                 plan.folds.setdefault(target, []).append(Fold(i, m, weights[i], "ia3"))
+                bias = target[: -len(".weight")] + ".bias"
+                if not a.spec.is_feedforward(m) and bias in base.tensors:
+                    # scaling a module's output scales its bias too (PEFT's IA3 merge and forward)
+                    plan.folds.setdefault(bias, []).append(Fold(i, m, weights[i], "ia3_bias"))
                 continue
             role = "lora_embedding" if "lora_embedding_A" in names else "lora"
             if "lora_magnitude_vector" in names:
@@ -94,10 +108,14 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[Adapter], weights: Seque
         if sum(f.role == "replace" for f in folds) > 1:
             raise MergeError(f"{target}: two adapters carry a full copy of it (modules_to_save); merge them "
                              "separately.")
-        # a carried copy (e.g. PEFT's saved embedding base layer) replaces the weight before deltas apply
-        folds.sort(key=lambda f: f.role != "replace")
+        # a carried copy (e.g. PEFT's saved embedding base layer) replaces the weight before deltas apply;
+        # LoRA deltas add before IA3 vectors scale, whatever order the adapters came in
+        folds.sort(key=lambda f: _FOLD_ORDER[f.role])
     return plan
 
+
+#: when each fold role applies to a tensor (stable within a role: the order of the adapters)
+_FOLD_ORDER = {"replace": 0, "lora": 1, "lora_embedding": 1, "lora_bias": 1, "dora": 1, "ia3": 2, "ia3_bias": 2}
 
 #: float32 rows folded per block: small enough to stay in cache between the copy, addmm_ and rounding
 BLOCK_BYTES = 4 << 20
@@ -260,6 +278,9 @@ def _fold_general(name: str, weight: torch.Tensor, plan: MergePlan, folds: list[
             vec = t[names["ia3_l"]].to(torch.float32)
             vec = vec.T if a.spec.fan_in_fan_out else vec
             w.mul_(vec[pick] if vec.dim() == 2 and vec.shape[0] > 1 else vec)  # (out, 1) scales rows
+            continue
+        if f.role == "ia3_bias":  # an output-side vector (out, 1) scales the bias (out,)
+            w.mul_(t[names["ia3_l"]].to(torch.float32).reshape(-1)[pick])
             continue
         if f.role == "lora_bias":
             w.add_(t[names["lora_B.bias"]].to(torch.float32), alpha=a.spec.scale(f.module) * f.weight)

@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from adapterhub.adapter import Adapter, BaseModelRef, BottleneckSpec, LoraSpec, PrefixSpec, Tensors
-from adapterhub.errors import CorruptFileError, UnsupportedAdapterError
+from adapterhub.adapter import Adapter, BaseModelRef, BottleneckSpec, LoraSpec, PrefixSpec, Tensors, check_number
+from adapterhub.errors import CorruptFileError, InvalidValueError, UnsupportedAdapterError
 from adapterhub.formats._files import atomic_directory, dump_json, load_weights, read_json
 from adapterhub.tensorfile import save_tensors
 
@@ -79,9 +79,17 @@ def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
         tensors[canonical] = entry
     if not tensors:
         raise CorruptFileError(f"{path}: no adapter tensors named after adapter '{name}'.", path=path)
-    base = BaseModelRef(name_or_path=doc.get("model_name"))
+    model_class, model_type = doc.get("model_class"), doc.get("model_type")
+    base = BaseModelRef(name_or_path=doc.get("model_name"),
+                        model_type=model_type if isinstance(model_type, str) else None,
+                        architectures=(model_class,) if isinstance(model_class, str) and model_class else None)
     view = Tensors(tensors)
-    kind, spec = _spec(arch, config, doc, view, path)
+    try:
+        kind, spec = _spec(arch, config, doc, view, path)
+    except InvalidValueError as e:
+        e.args = (f"{path / CONFIG_NAME}: {e}",)
+        e.path = path / CONFIG_NAME
+        raise
     return Adapter(kind=kind, spec=spec, tensors=view, base=base, name=name,
                    extra={"adapters": doc}, source=path)
 
@@ -120,9 +128,10 @@ def _spec(arch: str, config: dict[str, Any], doc: dict[str, Any], t: Tensors, pa
             raise UnsupportedAdapterError(
                 f"{path}: LoRA with composition_mode={config.get('composition_mode')!r} ((IA)^3 in the `adapters` "
                 "library) is not supported; use a PEFT IA3 adapter.", path=path)
-        return "lora", LoraSpec(r=int(config["r"]), alpha=config.get("alpha", 8))
+        return "lora", LoraSpec(r=check_number("r", config.get("r"), integer=True, minimum=1),
+                                alpha=check_number("alpha", config.get("alpha", 8)))
     if arch == "prefix_tuning":
-        length = int(config["prefix_length"])
+        length = int(check_number("prefix_length", config.get("prefix_length"), integer=True, minimum=1))
         flat = bool(config.get("flat"))
         if flat:
             names = [n for n in t if n.endswith(".control_trans")]
@@ -210,6 +219,10 @@ def document_for(adapter: Adapter, *, name: str | None = None, model_class: str 
         doc = {"config": _config_for(adapter), "version": LIBRARY_VERSION}
     doc["name"] = name
     doc["model_name"] = adapter.base.name_or_path
+    if model_class is None and adapter.base.architectures:
+        model_class = adapter.base.architectures[0]
+    if model_type is None and adapter.base.model_type:
+        model_type = adapter.base.model_type
     for key, value in (("model_class", model_class), ("model_type", model_type), ("hidden_size", hidden_size)):
         if value is not None:
             doc[key] = value

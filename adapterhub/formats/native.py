@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub.adapter import SPEC_TYPES, Adapter, BaseModelRef, Spec, Tensors
-from adapterhub.errors import CorruptFileError
+from adapterhub.errors import CorruptFileError, InvalidValueError
 from adapterhub.formats._files import atomic_directory, dump_json, load_weights, read_json
 from adapterhub.tensorfile import save_tensors
 
@@ -62,6 +62,10 @@ def read(path: str | Path) -> Adapter:
         kind = doc["kind"]
         spec = spec_from_dict(kind, doc["spec"])
         base = BaseModelRef(**doc.get("base") or {})
+    except InvalidValueError as e:
+        e.args = (f"{path / CONFIG_NAME}: {e}",)
+        e.path = path / CONFIG_NAME
+        raise
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptFileError(f"{path / CONFIG_NAME}: invalid document ({e}).", path=path) from e
     entries, _ = load_weights(path, WEIGHTS_NAME, (), allow_pickle=False)

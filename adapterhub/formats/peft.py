@@ -9,16 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adapterhub.adapter import (
-    Adapter,
-    BaseModelRef,
-    IA3Spec,
-    LoraSpec,
-    PrefixSpec,
-    Tensors,
-    split_name,
-)
-from adapterhub.errors import CorruptFileError, UnsupportedAdapterError
+from adapterhub.adapter import Adapter, BaseModelRef, Tensors, split_name
+from adapterhub.errors import CorruptFileError, InvalidValueError, UnsupportedAdapterError
+from adapterhub.formats import peft_config
 from adapterhub.formats._files import atomic_directory, dump_json, load_weights, read_json
 from adapterhub.tensorfile import save_tensors
 
@@ -27,38 +20,27 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin",)
 PREFIX = "base_model.model."
 FINGERPRINT_KEY = "adapterhub.base_fingerprint"
+MODEL_TYPE_KEY = "adapterhub.base_model_type"
+ARCHITECTURES_KEY = "adapterhub.base_architectures"
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix"}
-
-# PEFT LoRA options that change what the adapter computes in ways this representation cannot hold.
-_UNSUPPORTED_LORA = {
-    "target_parameters": "LoRA on raw nn.Parameters (e.g. MoE experts)",
-    "layer_replication": "layer replication",
-    "alora_invocation_tokens": "activated LoRA (aLoRA)",
-    "trainable_token_indices": "trainable tokens",
-    "use_qalora": "QA-LoRA input pooling",
-    "use_bdlora": "block-diagonal LoRA",
-    "arrow_config": "Arrow routing",
-}
-
 
 def is_peft_config(config: dict[str, Any]) -> bool:
     """True when an ``adapter_config.json`` was written by PEFT (it carries ``peft_type``)."""
     return "peft_type" in config
 
 
-def _tuple(v: Any) -> tuple[str, ...] | str | None:
-    if v is None or isinstance(v, str):
-        return v
-    return tuple(v)
-
-
 def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
-    """Read a PEFT adapter directory.
+    """Read a PEFT adapter directory: every config field honoured as PEFT honours it, or refused
+    (docs/peft-config-fields.md).
+
+    Weights the config does not apply (modules it does not target, training-only state) are left out
+    of the Adapter, as PEFT ignores them when loading; ``extra["ignored"]`` names each with the reason.
 
     Raises:
         MissingFileError, CorruptFileError: missing or damaged files.
         PickleRefusedError: only ``adapter_model.bin`` exists and ``allow_pickle`` is false.
-        UnsupportedAdapterError: a PEFT type or option adapterhub cannot represent exactly.
+        InvalidValueError, NonFiniteError: a config field holds an unusable value (named in the message).
+        UnsupportedAdapterError: a PEFT type or option adapterhub cannot reproduce exactly.
     """
     path = Path(path)
     config = read_json(path / CONFIG_NAME)
@@ -69,51 +51,50 @@ def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
             f"{path}: PEFT type {peft_type!r} is not supported; adapterhub reads "
             f"{', '.join(PEFT_TYPES)}.", path=path)
     entries, metadata = load_weights(path, WEIGHTS_NAME, PICKLE_NAMES, allow_pickle=allow_pickle)
+    tensors = {_to_canonical(kind, k): v for k, v in entries.items()}
+    if len(tensors) != len(entries):
+        raise CorruptFileError(f"{path / WEIGHTS_NAME}: two tensor names map to the same module.", path=path)
+    shapes = {n: tuple(v.shape) for n, v in tensors.items()}
     try:
-        spec = _spec_from_config(kind, config)
+        found = peft_config.interpret(str(peft_type), config, shapes, lambda n: split_name(kind, n))
+    except InvalidValueError as e:
+        e.args = (f"{path / CONFIG_NAME}: {e}",)
+        e.path = path / CONFIG_NAME
+        raise
     except UnsupportedAdapterError as e:
         raise UnsupportedAdapterError(f"{path}: {e}", path=path) from e
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptFileError(f"{path / CONFIG_NAME}: invalid {peft_type} config ({e!r}).", path=path) from e
-    tensors = {_to_canonical(kind, k): v for k, v in entries.items()}
-    if len(tensors) != len(entries):
-        raise CorruptFileError(f"{path / WEIGHTS_NAME}: two tensor names map to the same module.", path=path)
+    model_type, archs = peft_config.architecture(config)
+    recorded = metadata.get(ARCHITECTURES_KEY)
     base = BaseModelRef(
         name_or_path=config.get("base_model_name_or_path"),
         revision=config.get("revision"),
         fingerprint=metadata.get(FINGERPRINT_KEY),
+        model_type=metadata.get(MODEL_TYPE_KEY) or model_type,
+        architectures=tuple(recorded.split(",")) if recorded else archs,
     )
-    adapter = Adapter(kind=kind, spec=spec, tensors=Tensors(tensors), base=base,
-                      extra={"peft": config}, source=path)
+    extra: dict[str, Any] = {"peft": config}
+    if found.ignored:
+        extra["ignored"] = dict(sorted(found.ignored.items()))
+    kept = {n: v for n, v in tensors.items() if n not in found.ignored}
+    adapter = Adapter(kind=kind, spec=found.spec, tensors=Tensors(kept), base=base, extra=extra, source=path)
     _check_pairs(adapter, path)
+    if adapter.kind == "lora" and adapter.spec.use_dora:
+        _check_dora(adapter, path)
     return adapter
 
 
-def _spec_from_config(kind: str, c: dict[str, Any]) -> LoraSpec | IA3Spec | PrefixSpec:
-    if kind == "lora":
-        for key, what in _UNSUPPORTED_LORA.items():
-            if c.get(key):
-                raise UnsupportedAdapterError(
-                    f"this LoRA uses {what} ({key}={c[key]!r}), which adapterhub cannot represent exactly; "
-                    "merge it with PEFT instead.")
-        return LoraSpec(
-            r=int(c["r"]), alpha=c.get("lora_alpha", 8), use_rslora=bool(c.get("use_rslora", False)),
-            rank_pattern=dict(c.get("rank_pattern") or {}), alpha_pattern=dict(c.get("alpha_pattern") or {}),
-            target_modules=_tuple(c.get("target_modules")), fan_in_fan_out=bool(c.get("fan_in_fan_out", False)),
-            use_dora=bool(c.get("use_dora", False)), lora_bias=bool(c.get("lora_bias", False)),
-            modules_to_save=tuple(c.get("modules_to_save") or ()),
-        )
-    if kind == "ia3":
-        return IA3Spec(
-            target_modules=_tuple(c.get("target_modules")), feedforward_modules=_tuple(c.get("feedforward_modules")),
-            fan_in_fan_out=bool(c.get("fan_in_fan_out", False)), modules_to_save=tuple(c.get("modules_to_save") or ()),
-        )
-    return PrefixSpec(
-        num_virtual_tokens=int(c["num_virtual_tokens"]),
-        width=int(c["num_layers"]) * 2 * int(c["token_dim"]), num_layers=int(c["num_layers"]),
-        num_kv_heads=int(c["num_attention_heads"]), token_dim=int(c["token_dim"]),
-        num_transformer_submodules=int(c.get("num_transformer_submodules") or 1), layout="peft",
-    )
+def _check_dora(adapter: Adapter, path: Path) -> None:
+    """DoRA needs a magnitude vector per adapted module: without one PEFT renormalises every column to the
+    base weight's norm, which is neither plain LoRA nor the trained adapter."""
+    missing = [m for m in adapter.modules() if "lora_magnitude_vector" not in adapter.module_tensors(m)]
+    if missing:
+        raise CorruptFileError(
+            f"{path}: use_dora is true but {len(missing)} of {len(adapter.modules())} module(s) have no "
+            f"lora_magnitude_vector (e.g. {missing[0]}); the adapter cannot be applied as trained.\n"
+            "  fix: restore the weights file saved with the adapter, or set use_dora to false only if it was "
+            "trained as plain LoRA.", path=path)
 
 
 def _to_canonical(kind: str, key: str) -> str:
@@ -224,6 +205,10 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False) -> Pat
     metadata = {"format": "pt"}
     if adapter.base.fingerprint:
         metadata[FINGERPRINT_KEY] = adapter.base.fingerprint
+    if adapter.base.model_type:
+        metadata[MODEL_TYPE_KEY] = adapter.base.model_type
+    if adapter.base.architectures:
+        metadata[ARCHITECTURES_KEY] = ",".join(adapter.base.architectures)
     with atomic_directory(path, overwrite=overwrite) as tmp:
         (tmp / CONFIG_NAME).write_text(dump_json(config), encoding="utf-8")
         save_tensors(tensors, tmp / WEIGHTS_NAME, metadata)

@@ -599,19 +599,21 @@ class Registry:
                     adapter = read_adapter(src_dir, format=fmt, allow_pickle=allow_pickle)
                 selection = select_files(src_dir, fmt, include=tuple(include), include_all=include_all,
                                          allow_pickle=allow_pickle)
+                from adapterhub.finite import ensure_finite
+
+                ensure_finite(adapter, label=str(source))  # NaN/Inf weights are refused (no torch needed)
                 base_ref = adapter.base
                 if base is not None:
                     from adapterhub.base import BaseCheckpoint
                     from adapterhub.compose.checks import check_adapter
 
                     ckpt = BaseCheckpoint.open(base)
-                    check_adapter(adapter, ckpt, subject=str(source)).raise_for_errors()
-                    base_ref = BaseModelRef(name_or_path=base_ref.name_or_path or ckpt.name_or_path,
-                                            revision=base_ref.revision, fingerprint=ckpt.fingerprint())
+                    check_adapter(adapter, ckpt, subject=str(source), scan_values=False).raise_for_errors()
+                    base_ref = ckpt.identity(base_ref)
                 files, repaired = self._store_files(src_dir, selection.files, progress)
                 content = {
                     "kind": adapter.kind, "format": fmt, "files": files,
-                    "spec": _spec_dict(adapter), "base": asdict(base_ref),
+                    "spec": _spec_dict(adapter), "base": json.loads(json.dumps(asdict(base_ref))),
                 }
                 result = self._commit(name, version, content, adapter, tags=list(tags),
                                       description=description, metrics=metrics or {}, parents=list(parents),
@@ -851,8 +853,8 @@ class Registry:
         with links_allowed_into(self.store.blobs):
             adapter = read_adapter(snap, format=manifest["format"], allow_pickle=allow_pickle)
         base = manifest.get("base") or {}
-        return adapter.replace(base=BaseModelRef(**{k: base.get(k) for k in ("name_or_path", "revision",
-                                                                                "fingerprint")}),
+        return adapter.replace(base=BaseModelRef(**{k: base.get(k) for k in ("name_or_path", "revision", "fingerprint",
+                                                                                "model_type", "architectures")}),
                                name=adapter.name or res.name)
 
     def pull_format(self, ref: str | Ref, format: str | None = "auto") -> PullFormat:
