@@ -157,7 +157,7 @@ def test_ia3_exclude_modules_and_feedforward_suffixes_equal_peft(llama_base, mak
 
 
 @pytest.mark.parametrize("variant", ["velora", "monteclora"])
-def test_training_only_lora_variants_equal_peft(variant, llama_base, make_peft):
+def test_training_only_lora_variants_equal_peft(variant, llama_base, make_peft, tmp_path):
     extra = {"velora": {"velora_config": VeloraConfig(num_groups=4)},
              "monteclora": {"monteclora_config": MontecloraConfig()}}[variant]
     src = make_peft(llama_base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], **extra), seed=34)
@@ -165,6 +165,21 @@ def test_training_only_lora_variants_equal_peft(variant, llama_base, make_peft):
     assert adapter.extra["ignored"] and all("training-only state" in why for why in adapter.extra["ignored"].values())
     assert not adapter.carried()
     assert max_diff_vs_peft(llama_base, src) <= 1e-6
+    # written back, it is a plain LoRA that PEFT loads without missing keys, computing the same
+    import warnings
+
+    from adapterhub.formats import write_adapter
+
+    out = write_adapter(adapter, tmp_path / "out")
+    assert json.loads((out / "adapter_config.json").read_text())[f"{variant}_config"] is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(load_base(llama_base), out)
+    assert not [w for w in caught if "missing adapter keys" in str(w.message)]
+    ids = input_ids()
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(load_base(llama_base), src).eval()(input_ids=ids).logits
+        torch.testing.assert_close(peft_model.eval()(input_ids=ids).logits, theirs, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("config", [
@@ -317,6 +332,8 @@ NAN, INF = float("nan"), float("inf")
 BAD_VALUES = [
     ("r", True, InvalidValueError, "r must be an integer, not True (bool)."),
     ("r", 4.5, InvalidValueError, "r must be an integer, not 4.5."),
+    ("r", 4.0, InvalidValueError, "r must be an integer, not 4.0."),
+    ("rank_pattern", {"q_proj": 4.0}, InvalidValueError, "rank_pattern['q_proj'] must be an integer, not 4.0."),
     ("r", 0, InvalidValueError, "r must be at least 1, not 0."),
     ("r", "4", InvalidValueError, "r must be an integer, not '4' (str)."),
     ("lora_alpha", NAN, NonFiniteError, "lora_alpha is nan; it must be a finite number."),
@@ -385,3 +402,37 @@ def test_ia3_and_prefix_values(llama_base, make_peft, tmp_path):
         "num_virtual_tokens must be an integer, not True (bool).")
     assert "encoder-decoder" in read_error(prefix, tmp_path, UnsupportedAdapterError, num_transformer_submodules=2)
     assert "a_new_field" in read_error(prefix, tmp_path, UnsupportedAdapterError, a_new_field=[1])
+
+
+def test_targets_peft_cannot_adapt_are_refused(qv, llama_base, tmp_path):
+    """A regex matching everything (or a container such as self_attn) makes PEFT try to wrap a non-layer
+    module, and it refuses to load; so do we, at read time (containers) or in check (norms)."""
+    from adapterhub.compose.checks import check_adapter
+
+    for target in (".*", ["self_attn", "q_proj", "v_proj"], r"model\.layers\.\d\.self_attn.*"):
+        path = edited(qv, tmp_path / f"t{len(list(tmp_path.iterdir()))}", target_modules=target)
+        with pytest.raises(ValueError, match="is not supported"):
+            PeftModel.from_pretrained(load_base(llama_base), path)
+        with pytest.raises(InvalidValueError, match=r"a module that contains others \(PEFT can only adapt layers"):
+            read_adapter(path)
+    norms = edited(qv, tmp_path / "norms", target_modules=r".*(q_proj|v_proj|input_layernorm)")
+    with pytest.raises(ValueError, match="is not supported"):
+        PeftModel.from_pretrained(load_base(llama_base), norms)
+    report = check_adapter(read_adapter(norms), BaseCheckpoint.open(llama_base))
+    assert [(p.code, p.where) for p in report.errors] == [("target-unsupported", "model.layers.0.input_layernorm")]
+
+
+@pytest.mark.parametrize(("init", "error"), [(True, False), ("gaussian", False), (False, True),
+                                             ("orthogonal", True)])
+def test_targets_without_weights_are_a_no_op_or_refused(init, error, qv, llama_base, tmp_path):
+    """Modules the config targets but the weights lack keep PEFT's initial values: B = 0 (no change, equal to
+    PEFT) unless the initialisation is random, which nobody can reproduce."""
+    from adapterhub.compose.checks import check_adapter
+
+    path = edited(qv, tmp_path / "a", target_modules=["q_proj", "v_proj", "k_proj"], init_lora_weights=init)
+    report = check_adapter(read_adapter(path), BaseCheckpoint.open(llama_base))
+    if not error:
+        assert report.ok and max_diff_vs_peft(llama_base, path) <= 1e-6
+        return
+    assert [(p.code, p.where) for p in report.errors] == [("target-without-weights", "model.layers.0.self_attn.k_proj")]
+    assert f"with init_lora_weights={init!r} PEFT gives them random initial weights" in report.errors[0].message

@@ -215,7 +215,48 @@ def check_adapter(adapter: Adapter, base: BaseView, *, subject: str | None = Non
     if adapter.kind in ("lora", "ia3"):
         _check_carried(adapter, base, c, resolved)
     _check_translation(c, base)
+    if adapter.kind in ("lora", "ia3") and len(c.translations) == 1:
+        _check_config_targets(adapter, base, c)
     return Report(subject=label, against=str(base.path), problems=tuple(c.problems), resolved=resolved)
+
+
+def _check_config_targets(adapter: Adapter, base: BaseView, c: _Collector) -> None:
+    """What a PEFT config targets in this base beyond the weights it holds: PEFT wraps those modules too. A norm
+    or other 1-d module cannot be adapted (PEFT refuses to load); a module without weights keeps PEFT's initial
+    values, a no-op except for random initialisations (``init_lora_weights: false`` or ``orthogonal``,
+    ``init_ia3_weights: false``), whose result nobody can reproduce."""
+    from adapterhub.formats import peft_config
+
+    config = adapter.extra.get("peft")
+    target = (config or {}).get("target_modules")
+    if not isinstance(config, dict) or target is None or (isinstance(target, str) and target.lower() == "all-linear"):
+        return
+    ((a_prefix, b_prefix),) = c.translations
+    have = set(adapter.modules()) | {n.rpartition(".")[0] for n in adapter.extra.get("ignored") or {}}
+    random_init = (config.get("init_lora_weights", True) in (False, "orthogonal") if adapter.kind == "lora"
+                   else config.get("init_ia3_weights", True) is False)
+    unsupported, missing = [], []
+    for module, weight in sorted(base.modules.items()):
+        if not module.startswith(b_prefix):
+            continue
+        name = a_prefix + module[len(b_prefix):]
+        if name in have or not peft_config.targets(config, name):
+            continue
+        if len(base.tensors[weight].shape) not in (2, 4):
+            unsupported.append(name)
+        else:
+            missing.append(name)
+    if unsupported:
+        c.add("error", "target-unsupported", unsupported[0],
+              f"the config's target_modules={target!r} also match {len(unsupported)} module(s) PEFT cannot adapt "
+              f"({', '.join(unsupported[:3])}: 1-d weights such as norms); PEFT refuses to load this adapter",
+              "narrow target_modules to the modules the adapter was trained on")
+    if missing and random_init:
+        init = "init_lora_weights" if adapter.kind == "lora" else "init_ia3_weights"
+        c.add("error", "target-without-weights", missing[0],
+              f"the config targets {len(missing)} module(s) the weights do not hold ({', '.join(missing[:3])}); "
+              f"with {init}={config.get(init)!r} PEFT gives them random initial weights, which cannot be reproduced",
+              "narrow target_modules to the modules the adapter was trained on")
 
 
 def _quantized(base: BaseView, c: _Collector) -> None:

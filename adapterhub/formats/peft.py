@@ -163,6 +163,9 @@ def config_for(adapter: Adapter) -> dict[str, Any]:
         config.setdefault("bias", "none")
         config.setdefault("lora_dropout", 0.0)
         config.setdefault("init_lora_weights", True)
+        for variant in ("velora_config", "monteclora_config"):  # training-only: their tensors were not kept
+            if config.get(variant):
+                config[variant] = None
     elif adapter.kind == "ia3":
         config.update({
             "target_modules": _targets(adapter, s.target_modules),

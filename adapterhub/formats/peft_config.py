@@ -241,6 +241,13 @@ def _select(config: Mapping[str, Any], modules: Mapping[str, bool]) -> set[str]:
         applied = {m for m, linear in modules.items() if _all_linear(m, linear, task) and _not_excluded(config, m)}
     else:
         applied = {m for m in modules if targets(config, m)}
+        containers = sorted({p for m in modules for p in _ancestors(m) if targets(config, p)})
+        if containers:
+            raise InvalidValueError(
+                f"target_modules={_show(target)} also match {containers[0]}, a module that contains others (PEFT "
+                "can only adapt layers such as Linear, Embedding and Conv): PEFT refuses to load this adapter "
+                "('Target module ... is not supported').\n  fix: narrow target_modules to the modules the adapter was "
+                "trained on.", where="target_modules")
     if modules and not applied:
         extra = "".join(f", {k}={config[k]!r}" for k in ("exclude_modules", "layers_to_transform", "layers_pattern")
                         if config.get(k) is not None)
@@ -250,6 +257,11 @@ def _select(config: Mapping[str, Any], modules: Mapping[str, bool]) -> set[str]:
             f"({sample}, ...): PEFT refuses to load this adapter ('Target modules ... not found').\n"
             "  fix: set target_modules to the modules the adapter was trained on.", where="target_modules")
     return applied
+
+
+def _ancestors(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _saved_copies(config: Mapping[str, Any], modules: Mapping[str, bool], tensors: Mapping[str, Any]) -> None:
