@@ -58,7 +58,8 @@ class BaseCheckpoint:
         path = Path(path)
         if not path.is_dir():
             raise BaseCheckpointError(f"{path} is not a directory; pass a Hugging Face model directory "
-                                      "(config.json + model.safetensors or sharded safetensors).", path=path)
+                                      "(config.json + model.safetensors or sharded safetensors).\n  fix: pass the "
+                                      "folder that holds the base model's config.json and weights.", path=path)
         config: dict[str, Any] = {}
         if (path / "config.json").is_file():
             config = _read(path / "config.json")
@@ -73,7 +74,8 @@ class BaseCheckpoint:
             hint = (f" It has pickle weights ({', '.join(bins[:3])}); convert them to safetensors first."
                     if bins else "")
             raise BaseCheckpointError(
-                f"{path} has no {SINGLE_NAME} and no {INDEX_NAME}.{hint}", path=path)
+                f"{path} has no {SINGLE_NAME} and no {INDEX_NAME}.{hint}\n  fix: pass the folder that holds the "
+                "base model's safetensors weights (download the model again if they are missing).", path=path)
         return cls(path=path, config=config, tensors=tensors, files=files)
 
     # --- what the config says --------------------------------------------------------------
@@ -220,21 +222,24 @@ def _header(path: Path):  # noqa: ANN202 - internal
         raise BaseCheckpointError(f"{e}", path=path) from e
 
 
+_REFETCH = "the index is damaged or was edited; download the checkpoint again."
+
+
 def _read_sharded(path: Path, index_path: Path) -> tuple[dict[str, TensorInfo], tuple[Path, ...]]:
     index = _read(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise BaseCheckpointError(f"{index_path} has no 'weight_map'.", path=index_path)
+        raise BaseCheckpointError(f"{index_path} has no 'weight_map'.\n  fix: {_REFETCH}", path=index_path)
     if not all(isinstance(shard, str) and shard for shard in weight_map.values()):
-        raise BaseCheckpointError(f"{index_path}: every 'weight_map' value must be a shard file name.",
-                                  path=index_path)
+        raise BaseCheckpointError(f"{index_path}: every 'weight_map' value must be a shard file name.\n  fix: "
+                                  f"{_REFETCH}", path=index_path)
     tensors: dict[str, TensorInfo] = {}
     files: list[Path] = []
     for shard in sorted(set(weight_map.values())):
         shard_path = path / shard
         if Path(shard).is_absolute() or ".." in Path(shard).parts or shard_path.parent != path:
-            raise BaseCheckpointError(f"{index_path} names shard {shard!r} outside the checkpoint directory.",
-                                      path=index_path)
+            raise BaseCheckpointError(f"{index_path} names shard {shard!r} outside the checkpoint directory.\n"
+                                      f"  fix: {_REFETCH}", path=index_path)
         if not shard_path.is_file():
             raise BaseCheckpointError(
                 f"{index_path} names shard {shard!r}, which is missing from {path}.\n"

@@ -191,7 +191,7 @@ def test_a_failed_check_prints_each_problem_once(llama_base, minilm_dir, make_pe
         assert result.exit_code == 1, result.output
         assert result.output.count(line) == 1, result.output
         assert result.output.count("INCOMPATIBLE") == 1 and result.output.strip().splitlines()[-1].startswith(
-            f"error: {src} vs {minilm_dir}: INCOMPATIBLE (2 error(s)")
+            f"error: {src} vs {minilm_dir}: INCOMPATIBLE (3 error(s)")  # + base-architecture
     assert not (tmp_path / "c").exists() and not (tmp_path / "e").exists()
 
 

@@ -87,7 +87,9 @@ def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     try:
         kind, spec = _spec(arch, config, doc, view, path)
     except InvalidValueError as e:
-        e.args = (f"{path / CONFIG_NAME}: {e}",)
+        from adapterhub.formats.peft import with_fix
+
+        e.args = (with_fix(f"{path / CONFIG_NAME}: {e}"),)
         e.path = path / CONFIG_NAME
         raise
     return Adapter(kind=kind, spec=spec, tensors=view, base=base, name=name,

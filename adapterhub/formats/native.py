@@ -13,6 +13,7 @@ from typing import Any
 from adapterhub.adapter import SPEC_TYPES, Adapter, BaseModelRef, Spec, Tensors
 from adapterhub.errors import CorruptFileError, InvalidValueError
 from adapterhub.formats._files import atomic_directory, dump_json, load_weights, read_json
+from adapterhub.formats.peft import with_fix
 from adapterhub.tensorfile import save_tensors
 
 CONFIG_NAME = "adapterhub.json"
@@ -63,7 +64,7 @@ def read(path: str | Path) -> Adapter:
         spec = spec_from_dict(kind, doc["spec"])
         base = BaseModelRef(**doc.get("base") or {})
     except InvalidValueError as e:
-        e.args = (f"{path / CONFIG_NAME}: {e}",)
+        e.args = (with_fix(f"{path / CONFIG_NAME}: {e}"),)
         e.path = path / CONFIG_NAME
         raise
     except (KeyError, TypeError, ValueError) as e:

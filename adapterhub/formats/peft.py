@@ -58,13 +58,14 @@ def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     try:
         found = peft_config.interpret(str(peft_type), config, shapes, lambda n: split_name(kind, n))
     except InvalidValueError as e:
-        e.args = (f"{path / CONFIG_NAME}: {e}",)
+        e.args = (with_fix(f"{path / CONFIG_NAME}: {e}"),)
         e.path = path / CONFIG_NAME
         raise
     except UnsupportedAdapterError as e:
-        raise UnsupportedAdapterError(f"{path}: {e}", path=path) from e
+        raise UnsupportedAdapterError(with_fix(f"{path}: {e}"), path=path) from e
     except (KeyError, TypeError, ValueError) as e:
-        raise CorruptFileError(f"{path / CONFIG_NAME}: invalid {peft_type} config ({e!r}).", path=path) from e
+        raise CorruptFileError(with_fix(f"{path / CONFIG_NAME}: invalid {peft_type} config ({e!r})."),
+                               path=path) from e
     model_type, archs = peft_config.architecture(config)
     recorded = metadata.get(ARCHITECTURES_KEY)
     base = BaseModelRef(
@@ -83,6 +84,15 @@ def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     if adapter.kind == "lora" and adapter.spec.use_dora:
         _check_dora(adapter, path)
     return adapter
+
+
+FIX_CONFIG = ("  fix: correct the field in adapter_config.json (docs/peft-config-fields.md says what adapterhub "
+              "accepts for each), or merge the adapter with PEFT.")
+
+
+def with_fix(message: str) -> str:
+    """``message`` with the generic config fix line when it has none."""
+    return message if "\n  fix: " in message else f"{message}\n{FIX_CONFIG}"
 
 
 def _check_dora(adapter: Adapter, path: Path) -> None:
