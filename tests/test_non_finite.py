@@ -166,3 +166,23 @@ def test_push_refuses_it_without_importing_torch(nan_lora, pair, tmp_path):
     from adapterhub.registry import Registry
 
     assert [v.name for v in Registry(tmp_path / "reg").list()] == ["good"]
+
+
+def test_config_values_of_every_format_are_checked(pair, tmp_path):
+    """The `adapters` library's alpha and our own format's spec go through the same checks as PEFT's fields."""
+    from adapterhub.errors import InvalidValueError
+    from adapterhub.formats import write_adapter
+
+    lib = tmp_path / "lib"
+    shutil.copytree(ADAPTERS_LIB / "minilm_lora", lib)
+    doc = json.loads((lib / "adapter_config.json").read_text())
+    doc["config"]["alpha"] = float("nan")
+    (lib / "adapter_config.json").write_text(json.dumps(doc))
+    with pytest.raises(NonFiniteError, match=r"adapter_config.json: alpha is nan; it must be a finite number"):
+        read_adapter(lib)
+    native = write_adapter(read_adapter(pair[0]), tmp_path / "native", format="adapterhub")
+    doc = json.loads((native / "adapterhub.json").read_text())
+    doc["spec"]["r"] = True
+    (native / "adapterhub.json").write_text(json.dumps(doc))
+    with pytest.raises(InvalidValueError, match=r"adapterhub.json: r must be an integer, not True \(bool\)"):
+        read_adapter(native)

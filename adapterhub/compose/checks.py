@@ -193,8 +193,8 @@ def check_adapter(adapter: Adapter, base: BaseView, *, subject: str | None = Non
     Args:
         strict_identity: a recorded base name that differs from the checkpoint's is an error
             instead of a warning. A recorded fingerprint that differs is always an error.
-        scan_values: read every weight to report NaN/Inf (numpy over the file bytes; off when the caller
-            has scanned already).
+        scan_values: read every weight to report NaN/Inf (from the file bytes, without torch; off when the
+            caller has scanned already).
     """
     c = _Collector()
     resolved: dict[str, str] = {}
@@ -306,17 +306,16 @@ def _norm_type(model_type: str) -> str:
 
 
 def architecture_mismatch(ref: BaseModelRef, model_type: str | None, architectures: Sequence[str] | None,
-                          other: str = "the base is") -> str | None:
-    """Why an adapter recorded for ``ref`` cannot be for a model of ``model_type`` / ``architectures``, or None
-    when the records agree or do not say."""
+                          other: str | None = None) -> str | None:
+    """Why an adapter recorded for ``ref`` cannot be for a model of ``model_type`` / ``architectures`` (the
+    base's, or the adapter ``other``'s), or None when the records agree or do not say."""
     if ref.model_type and model_type and _norm_type(ref.model_type) != _norm_type(model_type):
-        return f"the adapter was made for a '{ref.model_type}' model, {other} for a '{model_type}' model" \
-            if other != "the base is" else \
-            f"the adapter was made for a '{ref.model_type}' model, the base is a '{model_type}' model"
+        theirs = f"{other} was made for" if other else "the base is"
+        return f"the adapter was made for a '{ref.model_type}' model, {theirs} a '{model_type}' model"
     if ref.architectures and architectures:
-        mine, theirs = {_family(a) for a in ref.architectures}, {_family(a) for a in architectures}
-        if not mine & theirs:
-            return f"the adapter was made with {', '.join(ref.architectures)}, {other} {', '.join(architectures)}"
+        if not {_family(a) for a in ref.architectures} & {_family(a) for a in architectures}:
+            theirs = f"{other} was made with" if other else "the base is"
+            return f"the adapter was made with {', '.join(ref.architectures)}, {theirs} {', '.join(architectures)}"
     return None
 
 
@@ -587,8 +586,7 @@ def check_composable(adapters: Sequence[Adapter], *, mode: Literal["blend", "sta
         c.add("error", "base-fingerprint", subject, "the adapters were trained on different base weights "
               f"({len(fps)} fingerprints)", "combine only adapters of one base")
     for label, a in zip(labels[1:], adapters[1:], strict=True):
-        why = architecture_mismatch(a.base, first.base.model_type, first.base.architectures,
-                                    other=f"{labels[0]} was made with")
+        why = architecture_mismatch(a.base, first.base.model_type, first.base.architectures, other=labels[0])
         if why:
             c.add("error", "base-architecture", label, why, "combine only adapters of one architecture")
     base_names = {_norm(a.base.name_or_path) for a in adapters if a.base.name_or_path}
