@@ -8,7 +8,7 @@ bytes, read in pieces of at most ``CHUNK_BYTES``: memory stays small whatever th
 Two ways to do it, with the same results: numpy when it is already imported or a tensor is at least
 ``NUMPY_FROM_BYTES``, else the standard library alone: two ``bytes.count`` over the top byte of each
 value settle almost every piece (finite weights never have it at 0x7f/0xff), the exact test runs only
-where they do not. A 76 MiB bf16 adapter scans in about 0.06 s that way, with no import to pay (numpy's
+where they do not. A 76 MiB bf16 adapter scans in under 0.1 s that way, with no import to pay (numpy's
 alone is ~0.1 s); bench/finite_scan.py measures it.
 In-memory tensors (the results of a blend) are scanned with torch, which they already need.
 """
