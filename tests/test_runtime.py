@@ -259,7 +259,7 @@ def test_non_finite_adapter_values_are_refused(ads, model):
     name = sorted(a.tensors)[0]
     poisoned = a.replace(tensors=Tensors({**a.tensors.materialize(), name: torch.full_like(a.tensors[name], math.nan)}))
     snap = snapshot(model)
-    with pytest.raises(AttachError, match=r"error\[non-finite\].*NaN or Inf"):
+    with pytest.raises(AttachError, match=r"error\[non-finite\].*NaN"):  # check_adapter reports it first
         attach(model, Sum(ads["lora_b"], poisoned))
     assert_unchanged(model, snap)
 
