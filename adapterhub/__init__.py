@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 
 #: names served lazily, so that ``import adapterhub`` imports neither torch nor the runtime
 _LAZY = {"Sum": "adapterhub.runtime.compose", "Stack": "adapterhub.runtime.compose",
-         "Average": "adapterhub.runtime.compose", "Attached": "adapterhub.runtime.attached"}
+         "Average": "adapterhub.runtime.compose", "Attached": "adapterhub.runtime.attached",
+         "extract": "adapterhub.extraction"}
 
 
 def __getattr__(name: str) -> Any:

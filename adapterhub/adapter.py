@@ -407,4 +407,13 @@ def summarize(adapter: Adapter, *, scan_values: bool = False) -> dict[str, Any]:
         out["prefix"] = {"num_virtual_tokens": spec.num_virtual_tokens, "width": spec.width,
                          "num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads,
                          "head_dim": spec.head_dim, "layout": spec.layout}
+    record = adapter.extra.get("extract")
+    if isinstance(record, dict) and isinstance(record.get("modules"), dict):  # made by adapterhub extract
+        errors = [v["error"] for v in record["modules"].values()
+                  if isinstance(v, dict) and isinstance(v.get("error"), int | float)]
+        out["extract"] = {
+            "base": record.get("base"), "tuned": record.get("tuned"), "modules": record["modules"],
+            "max_error": max(errors, default=None), "mean_error": sum(errors) / len(errors) if errors else None,
+            "modules_to_save": record.get("modules_to_save"), "not_extracted": record.get("not_extracted"),
+        }
     return out

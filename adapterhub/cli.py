@@ -279,6 +279,25 @@ def _adapter_lines(info: dict[str, Any]) -> list[str]:
         bad = info["non_finite"]
         lines.append(f"NaN/Inf     {sum(bad.values())} value(s) in {len(bad)} tensor(s): {describe(bad)} -- this "
                      "adapter is broken; check, blend, export and push refuse it")
+    if info.get("extract"):
+        lines += _render_extract(info["extract"])
+    return lines
+
+
+def _render_extract(ex: dict[str, Any]) -> list[str]:
+    """The extraction lines of `inspect`: lineage, then every module's rank, error and change."""
+    tuned, base = ex.get("tuned") or {}, ex.get("base") or {}
+    lines = [f"extracted   from {tuned.get('path')} ({(tuned.get('fingerprint') or '')[:20]}...) against "
+             f"{base.get('path')}"]
+    if ex.get("max_error") is not None:
+        lines.append(f"error       max {ex['max_error']:.4g}, mean {ex['mean_error']:.4g} over {len(ex['modules'])} "
+                     "modules (relative Frobenius error of tuned - base)")
+    for m, v in sorted(ex["modules"].items()):
+        change = v.get("change")
+        lines.append(f"  {v.get('error', float('nan')):.4g}  rank {v.get('rank')}  "
+                     f"change {'-' if change is None else f'{change:.2%}'}  {m}")
+    for name, why in sorted((ex.get("not_extracted") or {}).items()):
+        lines.append(f"not extracted {name}: {why}")
     return lines
 
 
@@ -505,7 +524,8 @@ def show(reg: _LazyRegistry, ref: str, as_json: bool) -> None:
     if m.get("recipe"):
         r = m["recipe"]
         opts = ", ".join(f"{k}={v}" for k, v in sorted((r.get("options") or {}).items()))
-        click.echo(f"recipe      {r.get('method')}({opts}) weights {r.get('weights')}"
+        click.echo(f"recipe      {r.get('method')}({opts})"
+                   + (f" weights {r['weights']}" if r.get("weights") is not None else "")
                    + (f" seed {r['seed']}" if r.get("seed") is not None else ""))
     click.echo(f"parameters  {m.get('num_parameters', 0):,}; {_human(m.get('size') or 0)} in {len(m['files'])} file(s)")
     for f in m["files"]:
@@ -754,6 +774,76 @@ def run_(reg: _LazyRegistry, sources: tuple[str, ...], base_dir: str, prompt: st
     else:
         click.echo(f"mean-pooled output: cosine similarity {result.cosine:.4f} to the base's, "
                    f"max |diff| {result.max_abs_diff:.4g}")
+
+
+# --- extract: full fine-tune -> LoRA --------------------------------------------------------------
+
+
+@cli.command(name="extract", short_help="Turn a full fine-tune into a LoRA against its base.")
+@click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="The base model directory (config.json + safetensors, single or sharded).")
+@click.option("--tuned", "tuned_dir", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="The full fine-tune of that base, same layout.")
+@click.option("--rank", type=int, help="Rank of every module; with --energy/--max-error the most any module gets.")
+@click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of ||tuned - base||^2.")
+@click.option("--max-error", type=float,
+              help="Per module, the smallest rank whose relative error ||D - D_k|| / ||D|| is at most this.")
+@click.option("--target", metavar="REGEX", help="Only modules whose path matches are extracted.")
+@click.option("--exclude", metavar="REGEX", help="Modules whose path matches are left out (and listed).")
+@click.option("--dtype", help="dtype of the LoRA factors: bfloat16, float16, float32 (default: the fine-tune's).")
+@click.option("--allow-other-base", is_flag=True,
+              help="Extract even if a module changed by more than 50% of its norm (not a fine-tune of --base).")
+@click.option("-o", "--output", type=click.Path(path_type=str), help="Write the PEFT adapter to this directory.")
+@click.option("--push", "push_target", metavar="NAME[@VERSION]", help="Push it to the registry with its lineage.")
+@click.option("--tag", "tags", multiple=True, help="Tag to point at the pushed version (repeatable).")
+@click.option("--description", help="Free text for the pushed manifest.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@json_option
+@pass_registry
+def extract_(reg: _LazyRegistry, base_dir: str, tuned_dir: str, rank: int | None, energy: float | None,
+             max_error: float | None, target: str | None, exclude: str | None, dtype: str | None,
+             allow_other_base: bool, output: str | None, push_target: str | None, tags: tuple[str, ...],
+             description: str | None, force: bool, as_json: bool) -> None:
+    """Turn a full fine-tune into a LoRA against its base: a truncated SVD of tuned - base, module by module.
+
+    Tensors equal to the base are not stored; changed norms and biases are carried exactly. Prints the
+    max/mean relative error and the bytes saved against the full copy.
+    """
+    from adapterhub import extraction
+
+    if (push_target is None) == (output is None):
+        raise click.UsageError("give exactly one of -o DIR or --push NAME[@VERSION]")
+    with _progress(extraction.input_bytes(base_dir, tuned_dir), "reading") as progress:
+        outcome = extraction.extract_to(
+            base_dir, tuned_dir, output=output, push_to=push_target, registry=reg.get, tags=tags,
+            description=description, overwrite=force, rank=rank, energy=energy, max_error=max_error, target=target,
+            exclude=exclude, dtype=dtype, allow_other_base=allow_other_base, progress=progress)
+    result = outcome.result
+    where = ({"output": str(outcome.path)} if outcome.path is not None
+             else {"ref": outcome.pushed.ref, "digest": outcome.pushed.digest})
+    info = {**result.summary(), **where}
+    if as_json:
+        _emit_json(info)
+        return
+    for name, why in sorted(info["not_extracted"].items()):
+        click.echo(f"warning: {name} changed but is not in the adapter ({why})", err=True)
+    for note in info["notes"]:
+        click.echo(f"note: {note}", err=True)
+    ranks = info["ranks"]
+    rank_s = "-" if not ranks else str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+    click.echo(f"extracted   {info['modules']} modules, rank {rank_s}, from {tuned_dir} against {base_dir}")
+    if info["modules"]:
+        click.echo(f"error       max {info['max_error']:.4g} ({info['max_error_module']}), "
+                   f"mean {info['mean_error']:.4g} (relative Frobenius error of tuned - base)")
+    if info["modules_to_save"]:
+        click.echo(f"saved whole {', '.join(info['modules_to_save'])} (modules_to_save)")
+    click.echo(f"unchanged   {info['unchanged_tensors']} tensors equal to the base: not stored"
+               + (f"; {len(info['rounding_only'])} differ only by rounding to the fine-tune's dtype"
+                  if info["rounding_only"] else ""))
+    full, size = info["full_bytes"], info["adapter_bytes"]
+    click.echo(f"size        {_human(size)} of tensors vs {_human(full)} for the full fine-tune: "
+               f"{_human(full - size)} saved ({full / max(size, 1):.0f}x smaller)")
+    click.echo(f"{where['ref']} {where['digest']}" if push_target else f"wrote {where['output']}")
 
 
 def main() -> None:

@@ -254,3 +254,44 @@ class NonFiniteError(InvalidValueError):
                  counts: dict[str, int] | None = None) -> None:
         super().__init__(message, path=path, where=where)
         self.counts = dict(counts or {})
+
+# --- extraction of full fine-tunes (adapterhub.extraction) ----------------------------------------
+
+
+class ExtractError(AdapterHubError, ValueError):
+    """A full fine-tune could not be turned into a LoRA; nothing was written."""
+
+
+class CheckpointMismatchError(ExtractError):
+    """Base and fine-tune differ in architecture, tensor names or shapes beyond a resized vocabulary."""
+
+
+class NotAFineTuneError(ExtractError):
+    """The "fine-tune" differs from the base as much as an unrelated model does.
+
+    ``module`` is the first module over the threshold, ``change`` its relative change
+    ``||tuned - base|| / ||base||`` and ``threshold`` the limit it exceeded.
+    """
+
+    def __init__(self, message: str, *, module: str, change: float, threshold: float) -> None:
+        super().__init__(message)
+        self.module = module
+        self.change = change
+        self.threshold = threshold
+
+
+class NonFiniteWeightsError(ExtractError):
+    """A checkpoint holds NaN or Inf in a tensor that differs between base and fine-tune."""
+
+    def __init__(self, message: str, *, tensor: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.tensor = tensor
+        self.path = None if path is None else Path(path)
+
+
+class UnrepresentableChangeError(ExtractError):
+    """Tensors changed in ways a PEFT LoRA cannot carry; ``tensors`` names each of them."""
+
+    def __init__(self, message: str, *, tensors: list[str]) -> None:
+        super().__init__(message)
+        self.tensors = list(tensors)

@@ -187,11 +187,25 @@ def load_tensor(info: TensorInfo, *, cached: bool = True) -> torch.Tensor:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write tensors to a safetensors file (contiguous CPU copies; byte-for-byte deterministic)."""
+    """Write tensors to a safetensors file (contiguous CPU copies; byte-for-byte deterministic).
+
+    Raises:
+        OSError: the write failed (disk full, permissions), with its errno (safetensors reports these as
+            ``SafetensorError`` carrying only a message).
+    """
+    import re
+
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     data = {k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())}
-    save_file(data, str(path), metadata=dict(sorted((metadata or {}).items())) or None)
+    try:
+        save_file(data, str(path), metadata=dict(sorted((metadata or {}).items())) or None)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
     if metadata and len(metadata) > 1:
         _sort_metadata(Path(path))
 

@@ -6,9 +6,11 @@ verbatim in ``Adapter.extra["peft"]`` so that writing it back reproduces the ori
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from adapterhub import _json
 from adapterhub.adapter import Adapter, BaseModelRef, Tensors, split_name
 from adapterhub.errors import CorruptFileError, InvalidValueError, UnsupportedAdapterError
 from adapterhub.formats import peft_config
@@ -22,6 +24,8 @@ PREFIX = "base_model.model."
 FINGERPRINT_KEY = "adapterhub.base_fingerprint"
 MODEL_TYPE_KEY = "adapterhub.base_model_type"
 ARCHITECTURES_KEY = "adapterhub.base_architectures"
+#: safetensors metadata key holding ``Adapter.extra["extract"]`` (per-module error, lineage) as JSON
+EXTRACT_KEY = "adapterhub.extract"
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix"}
 
 def is_peft_config(config: dict[str, Any]) -> bool:
@@ -76,6 +80,12 @@ def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
         architectures=tuple(recorded.split(",")) if recorded else archs,
     )
     extra: dict[str, Any] = {"peft": config}
+    if EXTRACT_KEY in metadata:
+        try:
+            extra["extract"] = _json.loads(metadata[EXTRACT_KEY])
+        except ValueError as e:
+            raise CorruptFileError(f"{path / WEIGHTS_NAME}: metadata '{EXTRACT_KEY}' is not valid JSON ({e}).",
+                                   path=path) from e
     if found.ignored:
         extra["ignored"] = dict(sorted(found.ignored.items()))
     kept = {n: v for n, v in tensors.items() if n not in found.ignored}
@@ -222,6 +232,8 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False) -> Pat
         metadata[MODEL_TYPE_KEY] = adapter.base.model_type
     if adapter.base.architectures:
         metadata[ARCHITECTURES_KEY] = ",".join(adapter.base.architectures)
+    if "extract" in adapter.extra:
+        metadata[EXTRACT_KEY] = json.dumps(adapter.extra["extract"], sort_keys=True, separators=(",", ":"))
     with atomic_directory(path, overwrite=overwrite) as tmp:
         (tmp / CONFIG_NAME).write_text(dump_json(config), encoding="utf-8")
         save_tensors(tensors, tmp / WEIGHTS_NAME, metadata)
