@@ -604,7 +604,7 @@ def verify(reg: _LazyRegistry, as_json: bool) -> None:
         for p in report.problems:
             click.echo(f"{p.severity}[{p.what}] {p.where}: {p.message.splitlines()[0]}")
         state = "ok" if report.ok else "DAMAGED"
-        click.echo(f"{registry.root}: {state} ({report.versions} versions, {report.blobs} blobs, "
+        click.echo(f"{registry.location}: {state} ({report.versions} versions, {report.blobs} blobs, "
                    f"{len(report.orphans)} orphan(s))")
     sys.exit(0 if report.ok else 1)
 

@@ -104,12 +104,19 @@ class Index:
     """The sqlite index of one registry.
 
     ``readonly``: the registry cannot be written; the file (if readable) is copied into memory and
-    every later change (repairs, stamps) stays there.
+    every later change (repairs, stamps) stays there. ``path=None``: an index in memory only (a remote
+    registry's, filled name by name as they are needed).
     """
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | None, *, readonly: bool = False) -> None:
+        self.path = None if path is None else Path(path)
         self.readonly = readonly
+        if self.path is None:  # a remote registry's: in memory, filled name by name
+            self.db = sqlite3.connect(":memory:", isolation_level=None)
+            self.db.executescript(SCHEMA)
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('index_version', ?)", (INDEX_VERSION,))
+            self.needs_rebuild = False
+            return
         if readonly:
             self.db = self._memory_copy(self.path)
             fresh = self.db is None

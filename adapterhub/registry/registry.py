@@ -24,7 +24,6 @@ by the index and ``list`` (and reported by :meth:`Registry.damaged`), ``verify``
 from __future__ import annotations
 
 import atexit
-import fcntl
 import hashlib
 import json
 import os
@@ -32,8 +31,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,7 +61,16 @@ from adapterhub.registry.refs import (
     is_integer_version,
     parse_ref,
 )
-from adapterhub.registry.store import LocalStore, corrupt, entry_size, hash_file, os_errors, remove_entry
+from adapterhub.registry.store import (
+    CHUNK,
+    HashingReader,
+    Leftover,
+    LocalStore,
+    Store,
+    corrupt,
+    hash_file,
+    os_errors,
+)
 
 FORMAT_NAME = "adapterhub-registry"
 FORMAT_VERSION = 1
@@ -71,6 +78,10 @@ MANIFEST_SCHEMA = "adapterhub.manifest.v1"
 ENV_VAR = "ADAPTERHUB_REGISTRY"
 #: staging entries no live process owns (written by an older adapterhub) wait this long for gc
 DEFAULT_TEMP_GRACE = 3600.0
+#: on a remote store (no locks), gc removes unreferenced blobs and pending uploads only this old
+DEFAULT_REMOTE_GRACE = 86400.0
+#: a push to a remote that loses the race for a version number tries the next one, this many times
+MAX_NUMBER_RACES = 1000
 #: formats ``pull`` may write
 PULL_FORMATS = ("peft", "adapters", "adapterhub")
 _FULL_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -149,9 +160,11 @@ class GcPlan:
     registry: Registry
     blobs: list[str] = field(default_factory=list)
     snapshots: list[Path] = field(default_factory=list)
-    temp: list[Path] = field(default_factory=list)
+    temp: list[Path | str] = field(default_factory=list)
     expected_freed_size: int = 0
     temp_grace: float = DEFAULT_TEMP_GRACE
+    grace: float = 0.0
+    leftovers: list[Leftover] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"blobs": self.blobs, "snapshots": [str(p) for p in self.snapshots], "temp": [str(p) for p in self.temp],
@@ -172,7 +185,7 @@ class GcResult:
 
     blobs: list[str] = field(default_factory=list)
     snapshots: list[Path] = field(default_factory=list)
-    temp: list[Path] = field(default_factory=list)
+    temp: list[Path | str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     freed_size: int = 0
 
@@ -217,39 +230,55 @@ class Registry:
         'team/sentiment@1'
         >>> adapter = reg.load("team/sentiment")                     # doctest: +SKIP
 
-    Safe for concurrent use by many processes on one machine (POSIX file locks).
+    Safe for concurrent use by many processes on one machine (POSIX file locks). Any
+    :class:`~adapterhub.registry.store.Store` can hold a registry: ``Registry(store)`` (an S3 bucket,
+    :mod:`adapterhub.registry.remotes`); there, concurrent writers rely on conditional writes alone
+    (a version ref is created only if absent, tags move by compare-and-swap).
     """
 
-    def __init__(self, path: str | Path | None = None) -> None:
-        self.root = (Path(path).expanduser() if path is not None else default_path()).absolute()
-        self.store = LocalStore(self.root)
+    def __init__(self, path: str | Path | Store | None = None) -> None:
+        if path is None or isinstance(path, str | os.PathLike):
+            self.root: Path | None = (Path(path).expanduser() if path is not None else default_path()).absolute()
+            self.store: Store = LocalStore(self.root)
+        else:
+            self.store = path
+            self.root = getattr(path, "root", None) if path.local else None
+        self.location = self.store.location
         self._index: Index | None = None
+        self._manifests: dict[str, dict[str, Any]] = {}  # remote stores: verified manifests (immutable)
+        self._indexed: set[str] = set()  # remote stores: names indexed so far (the index fills on demand)
         self._init_layout()
-        self.writable = _writable(self.root)
+        self.writable = self.store.check_writable() if self.store.local else self.store.writable
+
+    def __repr__(self) -> str:
+        return f"Registry({self.location!r})"
 
     # --- layout, locks, index ------------------------------------------------------------------
 
     def _init_layout(self) -> None:
-        marker = self.root / "registry.json"
-        with os_errors(f"creating the registry at {self.root}"):
-            if marker.is_file():
+        where = self.location
+        with os_errors(f"creating the registry at {where}"):
+            try:
+                text = self.store.read_doc("registry.json")
+            except (IsADirectoryError, UnicodeDecodeError) as e:
+                raise RegistryError(f"{where}/registry.json is damaged ({e}).\n  fix: restore it: "
+                                    f'{{"format": "{FORMAT_NAME}", "version": {FORMAT_VERSION}}}') from e
+            if text is not None:
                 try:
-                    doc = _json.loads(marker.read_bytes())
+                    doc = _json.loads(text.encode("utf-8"))
                 except (ValueError, UnicodeDecodeError) as e:
-                    raise RegistryError(f"{marker} is damaged ({e}).\n  fix: restore it: "
+                    raise RegistryError(f"{where}/registry.json is damaged ({e}).\n  fix: restore it: "
                                         f'{{"format": "{FORMAT_NAME}", "version": {FORMAT_VERSION}}}') from e
                 if not isinstance(doc, dict) or (doc.get("format"), doc.get("version")) != (FORMAT_NAME,
                                                                                            FORMAT_VERSION):
-                    raise RegistryError(f"{self.root} is a registry of format {doc!r}; this adapterhub reads "
+                    raise RegistryError(f"{where} is a registry of format {doc!r}; this adapterhub reads "
                                         f"{FORMAT_NAME} v{FORMAT_VERSION}.")
                 return
-            layout = ("blobs", "refs", "locks", "tmp", "snapshots", "index.sqlite", "registry.json")
-            if self.root.exists() and any(p.name not in layout and not p.name.startswith("index.sqlite")
-                                          for p in self.root.iterdir()):
-                raise RegistryError(f"{self.root} exists, is not empty and is not an adapterhub registry.\n"
+            if self.store.foreign_entries():
+                raise RegistryError(f"{where} exists, is not empty and is not an adapterhub registry.\n"
                                     "  fix: choose another --registry path.")
-            for sub in ("blobs/sha256", "refs", "locks", "tmp", "snapshots"):
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            if isinstance(self.store, LocalStore):
+                self.store.make_layout()
             marker_text = json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION}) + "\n"
             self.store.create_doc("registry.json", marker_text)  # atomic: a concurrent creator may win
 
@@ -257,24 +286,12 @@ class Registry:
         """Refuse a write command on a registry this process cannot write, before touching anything."""
         if not self.writable:
             raise StorageError(
-                f"cannot {what}: the registry at {self.root} is read-only.\n  fix: use a registry you can write "
+                f"cannot {what}: the registry at {self.location} is read-only.\n  fix: use a registry you can write "
                 "to (--registry PATH or $ADAPTERHUB_REGISTRY), or ask its owner to make it writable; reading "
                 "(list, show, verify, pull) works as is.")
 
-    @contextmanager
-    def _lock(self, rel: str, exclusive: bool = True) -> Iterator[None]:
-        if not self.writable:  # nobody can change a read-only registry: nothing to coordinate
-            yield
-            return
-        path = self.root / "locks" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+    def _lock(self, rel: str, exclusive: bool = True):  # noqa: ANN202
+        return self.store.lock(rel, exclusive)
 
     def _name_lock(self, name: str):  # noqa: ANN202
         return self._lock(f"names/{self._name_dir(name)}.lock")
@@ -283,6 +300,9 @@ class Registry:
         return self._lock("gc.lock", exclusive=False)
 
     def _open_index(self) -> Index:
+        if not isinstance(self.store, LocalStore):  # in memory, filled name by name on demand
+            return Index(None)
+        assert self.root is not None
         if not self.writable:
             index = Index(self.root / "index.sqlite", readonly=True)
             if index.needs_rebuild:
@@ -314,10 +334,23 @@ class Registry:
     def index(self) -> Index:
         if self._index is None:
             self._index = self._open_index()
+        if not self.store.local:
+            return self._index
         for name in self._index.dirty_names():
             with self._name_lock(name):
                 self._refresh(name)
         return self._index
+
+    def _index_for(self, names: Sequence[str] | None = None) -> Index:
+        """The index, with ``names`` (None: every name) indexed: a remote store's index lives in memory
+        and learns a name the first time it is needed."""
+        index = self.index
+        if not self.store.local:
+            for name in self.names() if names is None else names:
+                if name not in self._indexed:
+                    self._refresh(name)
+                    self._indexed.add(name)
+        return index
 
     def close(self) -> None:
         if self._index is not None:
@@ -347,7 +380,7 @@ class Registry:
                 if not _FULL_DIGEST.fullmatch(d):
                     problem = f"its version file holds {d[:40]!r}, not a manifest digest"
                 else:
-                    state = ("missing" if not self.store.blob_path(d).exists() else
+                    state = ("missing" if not self.store.has_blob(d) else
                              "corrupt (sha256 mismatch)" if e.actual else "not a valid manifest")
                     problem = f"its manifest blob {d[:19]}... is {state}"
                 damaged.append(DamagedVersion(name, v, d, problem))
@@ -375,7 +408,7 @@ class Registry:
     def damaged(self) -> list[DamagedVersion]:
         """Versions the index skipped because their manifest is missing or corrupt (``verify`` checks
         everything; this is what ``list`` warns about)."""
-        return self.index.damaged()
+        return self._index_for(None).damaged()
 
     # --- refs ----------------------------------------------------------------------------------
 
@@ -390,13 +423,18 @@ class Registry:
     def names(self) -> list[str]:
         """Every name that has at least one version."""
         out = []
-        refs = self.root / "refs"
-        if not refs.is_dir():
-            return out
-        for ns in sorted(refs.iterdir()):
-            for short in sorted(ns.iterdir()) if ns.is_dir() else ():
-                if (short / "versions").is_dir() and any(short.joinpath("versions").iterdir()):
-                    out.append(short.name if ns.name == "_" else f"{ns.name}/{short.name}")
+        if not self.store.local:  # one recursive listing instead of one per name
+            seen = set()
+            for key in self.store.walk_docs("refs"):
+                parts = key.split("/")
+                if len(parts) == 5 and parts[3] == "versions":
+                    ns, short = parts[1], parts[2]
+                    seen.add(short if ns == "_" else f"{ns}/{short}")
+            return sorted(seen)
+        for ns in self.store.list_docs("refs"):
+            for short in self.store.list_docs(f"refs/{ns}"):
+                if self.store.list_docs(f"refs/{ns}/{short}/versions"):
+                    out.append(short if ns == "_" else f"{ns}/{short}")
         return out
 
     def _versions(self, name: str) -> dict[str, str]:
@@ -451,30 +489,35 @@ class Registry:
         if not _FULL_DIGEST.fullmatch(digest):  # a hand-edited ref: never let it name a path
             raise IntegrityError(f"the version file{of} holds {digest[:80]!r}, not a manifest digest.\n{fix}",
                                  expected=digest)
-        path = self.store.blob_path(digest)
+        if digest in self._manifests:
+            return self._manifests[digest]
+        where = self.store.describe(digest)
+        path = Path(where) if self.store.local else None
         try:
-            data = path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError) as e:
-            raise IntegrityError(f"the manifest{of} is missing (blob {digest}).\n  file: {path}\n{fix}",
+            data = self.store.get_raw(digest)
+        except StorageError as e:
+            raise IntegrityError(f"the manifest{of} cannot be read ({e.strerror or e}).\n  file: {where}\n{fix}",
                                  path=path, expected=digest) from e
-        except OSError as e:
-            raise IntegrityError(f"the manifest{of} cannot be read ({e.strerror}).\n  file: {path}\n{fix}",
-                                 path=path, expected=digest) from e
+        if data is None:
+            raise IntegrityError(f"the manifest{of} is missing (blob {digest}).\n  file: {where}\n{fix}",
+                                 path=path, expected=digest)
         actual = f"sha256:{hashlib.sha256(data).hexdigest()}"
         if actual != digest:
-            raise IntegrityError(f"the manifest{of} is corrupt (sha256 mismatch).\n  file: {path}\n"
+            raise IntegrityError(f"the manifest{of} is corrupt (sha256 mismatch).\n  file: {where}\n"
                                  f"  expected: {digest}\n  actual:   {actual}\n{fix}",
                                  path=path, expected=digest, actual=actual)
         try:
             manifest = _json.loads(data)
         except ValueError as e:
-            raise IntegrityError(f"the manifest{of} ({digest}) is not valid JSON ({e}).\n  file: {path}\n{fix}",
+            raise IntegrityError(f"the manifest{of} ({digest}) is not valid JSON ({e}).\n  file: {where}\n{fix}",
                                  path=path, expected=digest) from e
         files = manifest.get("files") if isinstance(manifest, dict) else None
         if not (isinstance(files, list) and all(isinstance(f, dict) and isinstance(f.get("path"), str)
                                                 and isinstance(f.get("sha256"), str) for f in files)):
-            raise IntegrityError(f"the manifest{of} ({digest}) is not an adapterhub manifest.\n  file: {path}\n{fix}",
+            raise IntegrityError(f"the manifest{of} ({digest}) is not an adapterhub manifest.\n  file: {where}\n{fix}",
                                  path=path, expected=digest)
+        if not self.store.local:
+            self._manifests[digest] = manifest
         return manifest
 
     # --- resolve, show, list -------------------------------------------------------------------
@@ -493,7 +536,7 @@ class Registry:
         r = parse_ref(ref) if isinstance(ref, str) else ref
         versions = self._versions(r.name)
         if not versions:
-            raise NotFoundError(f"no adapter named '{r.name}' in {self.root}.\n  fix: `adapterhub list` shows "
+            raise NotFoundError(f"no adapter named '{r.name}' in {self.location}.\n  fix: `adapterhub list` shows "
                                 "what is there; `adapterhub push DIR NAME` adds one.", ref=str(r))
         if r.digest:
             hits = sorted(((v, d) for v, d in versions.items() if d.startswith(r.digest)),
@@ -548,7 +591,7 @@ class Registry:
 
         Damaged versions are not listed; :meth:`damaged` returns them.
         """
-        return self.index.query(pattern=pattern, kind=kind, base=base, tag=tag)
+        return self._index_for(None).query(pattern=pattern, kind=kind, base=base, tag=tag)
 
     # --- push ----------------------------------------------------------------------------------
 
@@ -556,7 +599,8 @@ class Registry:
              metrics: dict[str, Any] | None = None, base: str | Path | None = None,
              parents: Sequence[dict[str, Any]] = (), recipe: dict[str, Any] | None = None,
              allow_pickle: bool = False, include: Sequence[str] = (), include_all: bool = False,
-             allow_duplicate: bool = False, progress: Progress | None = None) -> PushResult:
+             allow_duplicate: bool = False, progress: Progress | None = None,
+             origin: dict[str, Any] | None = None) -> PushResult:
         """Store an adapter directory (any readable format) or Adapter as ``NAME[@VERSION]``.
 
         Without a version the next integer is used. With ``base``, the compatibility check runs
@@ -569,6 +613,12 @@ class Registry:
         kind, format, files and base), nothing is pushed and that version is returned with
         ``duplicate=True``, unless ``allow_duplicate``. An existing blob whose stat stamp changed
         since it was last hashed is re-hashed, and replaced if damaged (``PushResult.repaired``).
+        ``origin`` is recorded in the manifest as where the adapter came from (a Hub repo and commit).
+        With ``base``, the base's parameter bytes are recorded too (``base_size``: what ``du`` prices a
+        full merged copy at).
+
+        On a remote store the version is numbered exactly as locally; a push that loses the race for
+        a number to a concurrent publisher takes the next one.
 
         Raises:
             InvalidReferenceError: bad name, version or tag (before anything is written).
@@ -586,11 +636,13 @@ class Registry:
         from adapterhub.formats import detect, read_adapter, write_adapter
 
         with self._gc_shared():
-            self.store.remove_dead_staging()
+            if isinstance(self.store, LocalStore):
+                self.store.remove_dead_staging()
             staging = None
             try:
                 if isinstance(source, Adapter):
-                    staging = self.store.staging_dir("push-")
+                    staging = (self.store.staging_dir("push-") if isinstance(self.store, LocalStore)
+                               else Path(tempfile.mkdtemp(prefix="adapterhub-push-")))
                     write_adapter(source, staging / "adapter", format="adapterhub")
                     src_dir, fmt, adapter = staging / "adapter", "adapterhub", source
                 else:
@@ -603,11 +655,13 @@ class Registry:
 
                 ensure_finite(adapter, label=str(source))  # NaN/Inf weights are refused (no torch needed)
                 base_ref = adapter.base
+                base_size = None
                 if base is not None:
                     from adapterhub.base import BaseCheckpoint
                     from adapterhub.compose.checks import check_adapter
 
                     ckpt = BaseCheckpoint.open(base)
+                    base_size = sum(t.nbytes for t in ckpt.tensors.values())
                     check_adapter(adapter, ckpt, subject=str(source), scan_values=False).raise_for_errors()
                     base_ref = ckpt.identity(base_ref)
                 files, repaired = self._store_files(src_dir, selection.files, progress)
@@ -615,9 +669,10 @@ class Registry:
                     "kind": adapter.kind, "format": fmt, "files": files,
                     "spec": _spec_dict(adapter), "base": json.loads(json.dumps(asdict(base_ref))),
                 }
+                extra = {k: v for k, v in (("base_size", base_size), ("origin", origin)) if v is not None}
                 result = self._commit(name, version, content, adapter, tags=list(tags),
                                       description=description, metrics=metrics or {}, parents=list(parents),
-                                      recipe=recipe, allow_duplicate=allow_duplicate)
+                                      recipe=recipe, allow_duplicate=allow_duplicate, extra=extra)
                 return replace(result, left_out=selection.left_out, repaired=tuple(repaired))
             finally:
                 if staging is not None:
@@ -625,7 +680,7 @@ class Registry:
 
     def _blob_trusted(self, digest: str) -> bool:
         """An existing blob may be used as is when its stat stamp equals the one recorded when it was
-        last hashed (any write, chmod or replacement changes the stamp)."""
+        last hashed (any write, chmod or replacement changes the stamp). A remote blob has no stamp."""
         stamp = self._stat_stamp(digest)
         index = self._index if self._index is not None else self.index
         return stamp is not None and index.stamped(digest) == stamp
@@ -646,51 +701,96 @@ class Registry:
 
     def _commit(self, name: str, version: str | None, content: dict[str, Any], adapter: Adapter, *,
                 tags: list[str], description: str, metrics: dict[str, Any], parents: list[dict[str, Any]],
-                recipe: dict[str, Any] | None, allow_duplicate: bool = False) -> PushResult:
-        index = self.index
+                recipe: dict[str, Any] | None, allow_duplicate: bool = False,
+                extra: dict[str, Any] | None = None) -> PushResult:
+        given = version
         with self._name_lock(name):
-            versions = self._versions(name)
-            explicit_tags = self._explicit_tags(name)
-            if version is not None and version in versions:
-                old = self._manifest(versions[version], f"{name}@{version}")
-                if _same_content(old, content):
-                    return PushResult(name, version, versions[version], False, old)
-                raise VersionExistsError(
-                    f"{name}@{version} already exists with different content; versions are immutable.\n"
-                    f"  fix: push without @VERSION to get the next number, or choose a new version.",
-                    ref=f"{name}@{version}")
-            if not allow_duplicate:
-                for v, d in index.same_content(name, content_key(content)):
-                    if versions.get(v) == d:
-                        try:
-                            old = self._manifest(d, f"{name}@{v}")
-                        except IntegrityError:
-                            continue
-                        return PushResult(name, v, d, False, old, duplicate=True)
-            if version is None:
-                version = str(max((int(v) for v in versions if is_integer_version(v)), default=0) + 1)
-            clash = [t for t in tags if t in versions] + ([version] if version in explicit_tags else [])
-            if clash:
-                raise InvalidReferenceError(f"'{clash[0]}' is already used by '{name}' as a "
-                                            f"{'version' if clash[0] in versions else 'tag'}; tags and versions "
-                                            "share one namespace per name.", ref=f"{name}@{clash[0]}")
-            manifest = {
-                "schema": MANIFEST_SCHEMA, "name": name, "version": version, **content,
-                "created_at": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
-                "description": description, "tags": sorted(set(tags)), "metrics": metrics,
-                "parents": parents, "recipe": recipe,
-                "size": sum(f["size"] for f in content["files"]), "num_parameters": adapter.num_parameters,
-            }
-            digest = self.store.put_bytes(canonical_json(manifest))
-            index.mark_dirty(name)
-            # newest first: if the ref is never created, _newest() falls back to creation times
-            self.store.replace_doc(self._key(name, "newest"), version + "\n")
-            if not self.store.create_doc(self._key(name, "versions", version), digest + "\n"):
-                raise VersionExistsError(f"{name}@{version} was created concurrently.", ref=f"{name}@{version}")
+            for _ in range(MAX_NUMBER_RACES):
+                index = self._index_for([name])
+                if not self.store.local:  # other publishers may have pushed since we last looked
+                    self._refresh(name)
+                versions = self._versions(name)
+                explicit_tags = self._explicit_tags(name)
+                if given is not None and given in versions:
+                    old = self._manifest(versions[given], f"{name}@{given}")
+                    if _same_content(old, content):
+                        return PushResult(name, given, versions[given], False, old)
+                    raise VersionExistsError(
+                        f"{name}@{given} already exists with different content; versions are immutable.\n"
+                        f"  fix: push without @VERSION to get the next number, or choose a new version.",
+                        ref=f"{name}@{given}")
+                if not allow_duplicate:
+                    for v, d in index.same_content(name, content_key(content)):
+                        if versions.get(v) == d:
+                            try:
+                                old = self._manifest(d, f"{name}@{v}")
+                            except IntegrityError:
+                                continue
+                            return PushResult(name, v, d, False, old, duplicate=True)
+                version = given if given is not None else next_version(versions)
+                clash = [t for t in tags if t in versions] + ([version] if version in explicit_tags else [])
+                if clash:
+                    raise InvalidReferenceError(f"'{clash[0]}' is already used by '{name}' as a "
+                                                f"{'version' if clash[0] in versions else 'tag'}; tags and versions "
+                                                "share one namespace per name.", ref=f"{name}@{clash[0]}")
+                manifest = {
+                    "schema": MANIFEST_SCHEMA, "name": name, "version": version, **content,
+                    "created_at": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+                    "description": description, "tags": sorted(set(tags)), "metrics": metrics,
+                    "parents": parents, "recipe": recipe,
+                    "size": sum(f["size"] for f in content["files"]), "num_parameters": adapter.num_parameters,
+                    **(extra or {}),
+                }
+                digest = self.store.put_bytes(canonical_json(manifest))
+                index.mark_dirty(name)
+                # newest first: if the ref is never created, _newest() falls back to creation times
+                self._set_newest(name, version)
+                if self.store.create_doc(self._key(name, "versions", version), digest + "\n"):
+                    break
+                # lost the race for this number (a remote store, or a writer that takes no lock):
+                # look again; a named version is then compared, a numbered push takes the next number
+            else:
+                raise VersionExistsError(f"{name}: lost the race for a version number {MAX_NUMBER_RACES} times.\n"
+                                         "  fix: retry the push.", ref=name)
             for t in tags:
-                self.store.replace_doc(self._key(name, "tags", t), version + "\n")
+                self._set_doc(self._key(name, "tags", t), version + "\n")
             self._refresh(name)
             return PushResult(name, version, digest, True, manifest)
+
+    def _set_doc(self, key: str, text: str) -> None:
+        """Write a movable ref: an atomic replace on a local store, compare-and-swap on a remote one
+        (a concurrent change is re-read, never overwritten unseen)."""
+        if self.store.local:
+            self.store.replace_doc(key, text)
+            return
+        self._swap(key, lambda old: text)
+
+    def _swap(self, key: str, change: Callable[[str | None], str | None]) -> None:
+        """Compare-and-swap loop: ``change(current text or None)`` gives the new text (None: leave it)."""
+        for _ in range(MAX_NUMBER_RACES):
+            cur = self.store.read_doc_token(key)
+            new = change(None if cur is None else cur[0])
+            if new is None or (cur is not None and cur[0] == new):
+                return
+            if (self.store.create_doc(key, new) if cur is None else self.store.swap_doc(key, new, cur[1])):
+                return
+        raise RegistryError(f"{key} kept changing under {MAX_NUMBER_RACES} compare-and-swap attempts; retry.")
+
+    def _set_newest(self, name: str, version: str) -> None:
+        """Point ``newest`` at ``version``. On a remote store (no name lock) by compare-and-swap, and never
+        back from an integer version to a smaller one: concurrent publishers leave it at the largest."""
+        key = self._key(name, "newest")
+        if self.store.local:
+            self.store.replace_doc(key, version + "\n")
+            return
+
+        def advance(old: str | None) -> str | None:
+            cur = (old or "").strip()
+            if is_integer_version(cur) and is_integer_version(version) and int(cur) > int(version):
+                return None
+            return version + "\n"
+
+        self._swap(key, advance)
 
     # --- tags, rm ------------------------------------------------------------------------------
 
@@ -703,7 +803,7 @@ class Registry:
         check_tag(tag)
         res = self.resolve(ref)
         self._require_writable("tag")
-        index = self.index  # refreshes dirty names, which takes name locks: before taking ours
+        index = self._index_for([res.name])  # refreshes dirty names, which takes name locks: before taking ours
         with self._gc_shared(), self._name_lock(res.name):
             versions = self._versions(res.name)
             if tag in versions:
@@ -711,7 +811,7 @@ class Registry:
             if res.version not in versions:
                 raise NotFoundError(f"{res.ref} was removed meanwhile.", ref=res.ref)
             index.mark_dirty(res.name)
-            self.store.replace_doc(self._key(res.name, "tags", tag), res.version + "\n")
+            self._set_doc(self._key(res.name, "tags", tag), res.version + "\n")
             self._refresh(res.name)
         return res
 
@@ -720,7 +820,7 @@ class Registry:
         check_name(name)
         check_label(tag, "tag")
         self._require_writable("untag")
-        index = self.index
+        index = self._index_for([name])
         with self._gc_shared(), self._name_lock(name):
             if tag not in self._explicit_tags(name):
                 if tag == LATEST:
@@ -746,7 +846,7 @@ class Registry:
                 f"  fix: `adapterhub untag {res.name} {r.label}` removes the tag; `adapterhub rm {res.ref}` removes "
                 "the version.", ref=ref)
         self._require_writable("remove a version")
-        index = self.index
+        index = self._index_for([res.name])
         with self._gc_shared(), self._name_lock(res.name):
             index.mark_dirty(res.name)
             for t, v in self._explicit_tags(res.name).items():
@@ -756,7 +856,7 @@ class Registry:
             versions = self._versions(res.name)
             if versions:
                 newest = self._newest(res.name, versions)
-                self.store.replace_doc(self._key(res.name, "newest"), f"{newest}\n")
+                self._set_doc(self._key(res.name, "newest"), f"{newest}\n")
             else:
                 self.store.delete_doc(self._key(res.name, "newest"))
             self._refresh(res.name)
@@ -765,12 +865,8 @@ class Registry:
     # --- pull, load ----------------------------------------------------------------------------
 
     def _stat_stamp(self, digest: str) -> str | None:
-        try:
-            st = self.store.blob_path(digest).stat()
-        except FileNotFoundError:
-            return None
-        # any write or chmod changes ctime; a replaced file changes the inode
-        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        """The blob's stat stamp (local stores only: a remote blob is never trusted without hashing)."""
+        return self.store.stat_stamp(digest) if isinstance(self.store, LocalStore) else None
 
     def _stamp(self, digest: str) -> None:
         stamp = self._stat_stamp(digest)
@@ -778,8 +874,9 @@ class Registry:
             self.index.stamp(digest, stamp)
 
     def _verified_blob(self, digest: str, ref: str, progress: Progress | None, *, trust_stamp: bool = False) -> Path:
-        """The blob's path after checking its sha256. With ``trust_stamp``, a blob whose inode, size,
-        mtime and ctime are unchanged since it was last hashed is not hashed again."""
+        """The blob's path after checking its sha256 (local stores). With ``trust_stamp``, a blob whose
+        inode, size, mtime and ctime are unchanged since it was last hashed is not hashed again."""
+        assert isinstance(self.store, LocalStore)
         path = self.store.blob_path(digest)
         if not path.is_file():
             raise IntegrityError(f"blob {digest} of '{ref}' is missing.\n  file: {path}\n"
@@ -793,6 +890,40 @@ class Registry:
         self._stamp(digest)
         return path
 
+    def check_blob(self, digest: str, ref: str, progress: Progress | None = None) -> None:
+        """Read every byte of a blob and check its sha256, on any store.
+
+        Raises:
+            IntegrityError: missing or corrupt; the message names where it lives.
+        """
+        if isinstance(self.store, LocalStore):
+            self._verified_blob(digest, ref, progress)
+            return
+        self._download(digest, None, ref, progress)
+
+    def _download(self, digest: str, dest: Path | None, ref: str, progress: Progress | None) -> None:
+        """Stream a blob of a remote store into ``dest`` (or nowhere), hashing every byte on arrival."""
+        where = self.store.describe(digest)
+        try:
+            stream = self.store.open_blob(digest)
+        except NotFoundError as e:
+            raise IntegrityError(f"blob {digest} of '{ref}' is missing.\n  file: {where}\n"
+                                 "  fix: re-push the adapter there; `adapterhub verify` lists every damaged version.",
+                                 expected=digest) from e
+        reader = HashingReader(stream, progress)
+        try:
+            if dest is None:
+                while reader.read(CHUNK):
+                    pass
+            else:
+                with open(dest, "wb") as out:
+                    while chunk := reader.read(CHUNK):
+                        out.write(chunk)
+        finally:
+            stream.close()
+        if reader.digest != digest:
+            raise corrupt(digest, reader.digest, where, ref)
+
     def snapshot(self, ref: str | Ref, *, verify: bool = True) -> Path:
         """A directory holding the version's files (symlinks into the blob store), hash-checked.
 
@@ -801,6 +932,9 @@ class Registry:
         """
         res = self.resolve(ref)
         manifest = self._manifest(res.digest, res.ref)
+        if not isinstance(self.store, LocalStore):
+            return self._private_snapshot(res.digest, manifest, res.ref)
+        assert self.root is not None
         snap = self.root / "snapshots" / res.digest.removeprefix("sha256:")
         if verify:
             for f in manifest["files"]:
@@ -808,7 +942,7 @@ class Registry:
         if snap.is_dir():
             return snap
         if not self.writable:
-            return self._private_snapshot(res.digest, manifest)
+            return self._private_snapshot(res.digest, manifest, res.ref)
         with os_errors("creating a snapshot"), self._gc_shared():
             tmp = self.store.staging_dir("snap-")
             self._link_files(manifest, tmp, relative=True)  # relative: a moved registry keeps working snapshots
@@ -822,13 +956,16 @@ class Registry:
         return snap
 
     def _link_files(self, manifest: dict[str, Any], directory: Path, *, relative: bool) -> None:
+        assert isinstance(self.store, LocalStore)
         for f in manifest["files"]:
             dest = directory / _safe_rel(f["path"])
             dest.parent.mkdir(parents=True, exist_ok=True)
             blob = self.store.blob_path("sha256:" + f["sha256"])
             os.symlink(os.path.relpath(blob, dest.parent) if relative else blob, dest)
 
-    def _private_snapshot(self, digest: str, manifest: dict[str, Any]) -> Path:
+    def _private_snapshot(self, digest: str, manifest: dict[str, Any], ref: str) -> Path:
+        """A snapshot in the system's temp directory (removed at exit): links into a read-only local
+        registry, or the files of a remote one, downloaded and hash-checked."""
         cache = self.__dict__.setdefault("_private_snapshots", {})
         if digest in cache and cache[digest].is_dir():
             return cache[digest]
@@ -837,7 +974,13 @@ class Registry:
             atexit.register(shutil.rmtree, parent, ignore_errors=True)
             snap = parent / digest.removeprefix("sha256:")
             snap.mkdir()
-            self._link_files(manifest, snap, relative=False)
+            if isinstance(self.store, LocalStore):
+                self._link_files(manifest, snap, relative=False)
+            else:
+                for f in manifest["files"]:
+                    dest = snap / _safe_rel(f["path"])
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    self._download("sha256:" + f["sha256"], dest, ref, None)
         cache[digest] = snap
         return snap
 
@@ -850,7 +993,8 @@ class Registry:
         res = self.resolve(ref)
         manifest = self._manifest(res.digest, res.ref)
         snap = self.snapshot(res, verify=verify)
-        with links_allowed_into(self.store.blobs):
+        blobs = self.store.blobs if isinstance(self.store, LocalStore) else snap
+        with links_allowed_into(blobs):
             adapter = read_adapter(snap, format=manifest["format"], allow_pickle=allow_pickle)
         base = manifest.get("base") or {}
         return adapter.replace(base=BaseModelRef(**{k: base.get(k) for k in ("name_or_path", "revision", "fingerprint",
@@ -906,12 +1050,17 @@ class Registry:
         if format is not None and format != manifest["format"]:
             adapter = self.load(res)
             return write_adapter(adapter, out, format=format, overwrite=overwrite)
+        if link and not isinstance(self.store, LocalStore):
+            raise RegistryError(f"--link needs a registry on this machine; {self.location} is remote.\n"
+                                "  fix: pull without --link (or pull --from it into a local registry first).")
         with atomic_directory(out, overwrite=overwrite) as tmp, os_errors(f"writing {out}"):
             for f in manifest["files"]:
                 digest = "sha256:" + f["sha256"]
                 dest = tmp / _safe_rel(f["path"])
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                if link:
+                if not isinstance(self.store, LocalStore):
+                    self._download(digest, dest, res.ref, progress)
+                elif link:
                     os.link(self._verified_blob(digest, res.ref, progress, trust_stamp=True), dest)
                 else:
                     self._copy_verified(digest, dest, res.ref, progress)
@@ -922,6 +1071,7 @@ class Registry:
         and the caller's staging directory is then discarded."""
         from concurrent.futures import ThreadPoolExecutor
 
+        assert isinstance(self.store, LocalStore)
         src = self.store.blob_path(digest)
         if not src.is_file():
             self._verified_blob(digest, ref, progress)  # raises with the message
@@ -950,7 +1100,8 @@ class Registry:
                 keep.update("sha256:" + f["sha256"] for f in manifest.get("files", []))
         return keep, count
 
-    def gc(self, *, dry_run: bool = False, temp_grace: float = DEFAULT_TEMP_GRACE) -> GcPlan | GcResult:
+    def gc(self, *, dry_run: bool = False, temp_grace: float = DEFAULT_TEMP_GRACE,
+           grace: float | None = None) -> GcPlan | GcResult:
         """Remove unreferenced blobs, snapshots of removed versions and staging leftovers.
 
         Staging entries whose writer process is gone are removed at once; entries no live process owns
@@ -959,44 +1110,38 @@ class Registry:
         otherwise a :class:`GcResult` says what was really removed (blobs a push referenced meanwhile
         are kept and listed in ``kept``, not counted as freed).
 
+        On a remote store (where no lock keeps gc and pushes apart) only unreferenced blobs older than
+        ``grace`` seconds are removed (default :data:`DEFAULT_REMOTE_GRACE`, a day: longer than any push
+        takes to create its version ref after uploading), and multipart uploads pending that long are
+        aborted. ``grace`` applies to local blobs too when given (default 0 there: pushes hold a lock).
+
         Raises:
             RegistryError: a manifest cannot be read (the files it names are unknown): ``rm`` it first.
             StorageError: the registry is read-only (``dry_run`` works on one).
         """
         if not dry_run:
             self._require_writable("collect garbage")
-        plan = self._gc_plan(temp_grace)
+        if grace is None:
+            grace = 0.0 if self.store.local else DEFAULT_REMOTE_GRACE
+        plan = self._gc_plan(temp_grace, grace)
         return plan if dry_run else plan.execute()
 
-    def _gc_plan(self, temp_grace: float) -> GcPlan:
+    def _gc_plan(self, temp_grace: float, grace: float = 0.0) -> GcPlan:
         keep, _ = self._referenced()
-        plan = GcPlan(self, temp_grace=temp_grace)
-        for digest in self.store.list_blobs():
-            if digest not in keep:
-                try:
-                    plan.expected_freed_size += self.store.blob_path(digest).stat().st_size
-                except FileNotFoundError:  # removed by a concurrent gc
-                    continue
-                plan.blobs.append(digest)
-        snaps = self.root / "snapshots"
-        if snaps.is_dir():
-            plan.snapshots = [p for p in sorted(snaps.iterdir()) if f"sha256:{p.name}" not in keep]
-        if self.store.tmp.is_dir():
-            now = time.time()
-            for p in sorted(self.store.tmp.iterdir()):
-                if self._staging_removable(p, now, temp_grace):
-                    plan.temp.append(p)
-                    plan.expected_freed_size += entry_size(p)
+        plan = GcPlan(self, temp_grace=temp_grace, grace=grace)
+        now = time.time()
+        for info in self.store.list_blob_info():
+            if info.digest not in keep and now - info.mtime >= grace:
+                plan.expected_freed_size += info.size
+                plan.blobs.append(info.digest)
+        if self.root is not None:
+            snaps = self.root / "snapshots"
+            if snaps.is_dir():
+                plan.snapshots = [p for p in sorted(snaps.iterdir()) if f"sha256:{p.name}" not in keep]
+        plan.leftovers = self.store.leftovers(temp_grace if self.store.local else grace)
+        plan.temp = [item.handle if isinstance(item.handle, Path) else item.where for item in plan.leftovers]
+        plan.expected_freed_size += sum(item.size for item in plan.leftovers)
         return plan
-
-    def _staging_removable(self, entry: Path, now: float, temp_grace: float) -> bool:
-        _, alive = self.store.staging_owner(entry)
-        if alive is not None:
-            return not alive
-        try:
-            return now - entry.lstat().st_mtime >= temp_grace
-        except FileNotFoundError:
-            return False
 
     def _gc_execute(self, plan: GcPlan) -> GcResult:
         result = GcResult()
@@ -1006,25 +1151,24 @@ class Registry:
                 if digest in keep:
                     result.kept.append(digest)
                     continue
-                path = self.store.blob_path(digest)
-                try:
-                    size = path.stat().st_size
-                    path.unlink()
-                except FileNotFoundError:  # removed by a concurrent gc
+                size = self.store.blob_size(digest)
+                if size is None:  # removed by a concurrent gc
                     continue
+                self.store.delete_blob(digest)
                 result.blobs.append(digest)
                 result.freed_size += size
             for p in plan.snapshots:
                 if f"sha256:{p.name}" not in keep and p.exists():
                     shutil.rmtree(p, ignore_errors=True)
                     result.snapshots.append(p)
-            now = time.time()
-            for p in plan.temp:
-                if p.exists() or p.is_symlink():
-                    if self._staging_removable(p, now, plan.temp_grace):
-                        result.freed_size += remove_entry(p)
-                        result.temp.append(p)
-            self.store.remove_dead_staging()  # the dead writers' lock files (their entries are gone)
+            grace = plan.temp_grace if self.store.local else plan.grace
+            for item, shown in zip(plan.leftovers, plan.temp, strict=True):
+                freed = self.store.remove_leftover(item, grace)
+                if freed >= 0:
+                    result.freed_size += freed
+                    result.temp.append(shown)
+            if isinstance(self.store, LocalStore):
+                self.store.remove_dead_staging()  # the dead writers' lock files (their entries are gone)
         return result
 
     def verify(self, progress: Progress | None = None) -> VerifyReport:
@@ -1055,16 +1199,19 @@ class Registry:
                     digest = "sha256:" + f["sha256"]
                     referenced.add(digest)
                     try:
-                        self._verified_blob(digest, ref, progress)
+                        self.check_blob(digest, ref, progress)
                     except IntegrityError as e:
                         problems.append(VerifyProblem("error", "blob", f"{ref}:{f['path']}", str(e)))
         blobs = 0
         for digest in self.store.list_blobs():
             blobs += 1
             if digest not in referenced:
-                problems.append(VerifyProblem("orphan", "blob", str(self.store.blob_path(digest)),
+                problems.append(VerifyProblem("orphan", "blob", self.store.describe(digest),
                                               "referenced by no version; `adapterhub gc` removes it"))
-        if self.store.tmp.is_dir():
+        if not isinstance(self.store, LocalStore):
+            for item in self.store.leftovers(0.0):
+                problems.append(VerifyProblem("orphan", item.what, item.where, item.why))
+        elif self.store.tmp.is_dir():
             for p in sorted(self.store.tmp.iterdir()):
                 token, alive = self.store.staging_owner(p)
                 if alive:
@@ -1078,10 +1225,15 @@ class Registry:
                 problems.append(VerifyProblem("orphan", "staging", str(p), why))
         indexed = {(i.name, i.version, i.digest) for i in self.list()}
         if indexed != readable:
-            problems.append(VerifyProblem("error", "index", str(self.root / "index.sqlite"),
+            problems.append(VerifyProblem("error", "index", f"{self.location}/index.sqlite",
                                           f"the index disagrees with the refs ({len(indexed ^ readable)} entries); "
                                           "run `adapterhub reindex`"))
         return VerifyReport(tuple(problems), versions, blobs)
+
+
+def next_version(versions: dict[str, str] | Sequence[str]) -> str:
+    """The number a push without a version gets: one more than the largest integer version."""
+    return str(max((int(v) for v in versions if is_integer_version(v)), default=0) + 1)
 
 
 def _version_key(v: str) -> tuple:
@@ -1103,11 +1255,3 @@ def _safe_rel(rel: str) -> Path:
     if p.is_absolute() or ".." in p.parts or not p.parts:
         raise IntegrityError(f"a manifest names file {rel!r} outside the version's directory; refusing it.")
     return p
-
-
-
-def _writable(root: Path) -> bool:
-    """Whether this process may change the registry: its directory and ``locks/`` accept new entries
-    (False on a read-only mount, an immutable directory, or without write permission)."""
-    locks = root / "locks"
-    return os.access(root, os.W_OK | os.X_OK) and (not locks.exists() or os.access(locks, os.W_OK | os.X_OK))

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol
@@ -93,31 +93,179 @@ def hash_file(path: Path, progress: Progress | None = None) -> tuple[str, int]:
     return f"sha256:{h.hexdigest()}", size
 
 
-class Store(Protocol):
-    """What a registry needs from storage."""
+@dataclass(frozen=True)
+class BlobInfo:
+    """A stored blob as listed: its digest, size and last modification time (seconds since the epoch)."""
 
+    digest: str
+    size: int
+    mtime: float
+
+
+class Store(Protocol):
+    """What a registry needs from storage: the seam every backend implements.
+
+    Blobs are immutable and named by the sha256 of their bytes; documents ("docs": refs and the
+    format marker) are small texts under slash-separated keys (``refs/_/sent/versions/1``) with
+    create-if-absent and compare-and-swap. Every backend keeps the same layout (``registry/FORMAT.md``).
+
+    ``local`` is True for a directory on this machine: only such a store offers the local-only
+    concerns (``lock``, ``stat_stamp``, ``blob_path`` for links and snapshots, staging of writer
+    processes). A remote store's ``lock`` coordinates nothing: its writers rely on conditional
+    writes alone.
+    """
+
+    local: bool
+    location: str
+    writable: bool
+
+    # blobs
+    def has_blob(self, digest: str) -> bool: ...
+    def blob_size(self, digest: str) -> int | None: ...
     def put_file(self, src: Path, progress: Progress | None = None, *,
                  trusted: Callable[[str], bool] | None = None) -> Put: ...
+    def put_blob(self, digest: str, size: int, reader: BinaryIO, progress: Progress | None = None) -> None: ...
     def put_bytes(self, data: bytes) -> str: ...
-    def has_blob(self, digest: str) -> bool: ...
+    def get_raw(self, digest: str) -> bytes | None: ...
     def get_bytes(self, digest: str) -> bytes: ...
+    def open_blob(self, digest: str) -> BinaryIO: ...
     def list_blobs(self) -> Iterator[str]: ...
+    def list_blob_info(self) -> Iterator[BlobInfo]: ...
     def delete_blob(self, digest: str) -> None: ...
+    def describe(self, digest: str) -> str: ...
+    # docs
     def read_doc(self, key: str) -> str | None: ...
+    def read_doc_token(self, key: str) -> tuple[str, str] | None: ...
     def create_doc(self, key: str, text: str) -> bool: ...
+    def swap_doc(self, key: str, text: str, token: str) -> bool: ...
     def replace_doc(self, key: str, text: str) -> None: ...
     def delete_doc(self, key: str) -> None: ...
     def list_docs(self, prefix: str) -> list[str]: ...
+    def walk_docs(self, prefix: str) -> list[str]: ...
+    # coordination and leftovers
+    def lock(self, rel: str, exclusive: bool = True) -> AbstractContextManager[None]: ...
+    def foreign_entries(self) -> list[str]: ...
+    def leftovers(self, grace: float) -> list[Leftover]: ...
+    def remove_leftover(self, item: Leftover, grace: float) -> int: ...
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """Something an interrupted writer left behind that gc may remove: a staging entry of a local
+    registry (``what="staging"``) or a pending multipart upload of a remote one (``what="upload"``)."""
+
+    what: str
+    where: str
+    size: int
+    handle: object = None
+    why: str = ""
+
+
+def blob_key(digest: str) -> str:
+    """The layout key of a blob: ``blobs/sha256/ab/cdef...``."""
+    hexd = digest.removeprefix("sha256:")
+    return f"blobs/sha256/{hexd[:2]}/{hexd[2:]}"
+
+
+def verify_bytes(data: bytes, digest: str, where: str) -> None:
+    """Raise :class:`IntegrityError` unless ``data`` hashes to ``digest``."""
+    actual = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    if actual != digest:
+        raise corrupt(digest, actual, where)
+
+
+class HashingReader:
+    """Wraps a stream and hashes every byte read through it (``digest`` once exhausted)."""
+
+    def __init__(self, raw: BinaryIO, progress: Progress | None = None) -> None:
+        self.raw = raw
+        self.h = hashlib.sha256()
+        self.size = 0
+        self.progress = progress
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.raw.read(n)
+        self.h.update(chunk)
+        self.size += len(chunk)
+        if self.progress and chunk:
+            self.progress(len(chunk))
+        return chunk
+
+    @property
+    def digest(self) -> str:
+        return f"sha256:{self.h.hexdigest()}"
+
+
+#: what a registry directory may hold besides its layout (an index being rebuilt: index.sqlite-wal, ...)
+LAYOUT = ("blobs", "refs", "locks", "tmp", "snapshots", "index.sqlite", "registry.json", "remotes.json")
 
 
 class LocalStore:
-    """A :class:`Store` in a local directory."""
+    """A :class:`Store` in a local directory (also what a ``file://`` remote on a shared file system is).
+
+    Local-only concerns live here: POSIX ``flock`` locks (:meth:`lock`), staging owned by live
+    writers, stat stamps of blob files (:meth:`stat_stamp`) and blob paths for links and snapshots.
+    """
+
+    local = True
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.location = str(self.root)
         self.blobs = self.root / "blobs" / "sha256"
         self.tmp = self.root / "tmp"
         self.staging_locks = self.root / "locks" / "staging"
+        self.writable = True
+
+    # --- layout, writability, locks ------------------------------------------------------------
+
+    def make_layout(self) -> None:
+        for sub in ("blobs/sha256", "refs", "locks", "tmp", "snapshots"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def foreign_entries(self) -> list[str]:
+        """Entries of the directory that are not part of a registry's layout."""
+        if not self.root.exists():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.name not in LAYOUT
+                      and not p.name.startswith("index.sqlite"))
+
+    def check_writable(self) -> bool:
+        """Whether this process may change the registry: its directory and ``locks/`` accept new entries
+        (False on a read-only mount, an immutable directory, or without write permission)."""
+        locks = self.root / "locks"
+        self.writable = os.access(self.root, os.W_OK | os.X_OK) and (
+            not locks.exists() or os.access(locks, os.W_OK | os.X_OK))
+        return self.writable
+
+    @contextmanager
+    def lock(self, rel: str, exclusive: bool = True) -> Iterator[None]:
+        """Hold ``locks/<rel>`` (flock) shared or exclusively; nothing on a read-only registry, which
+        nobody can change."""
+        if not self.writable:
+            yield
+            return
+        path = self.root / "locks" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def stat_stamp(self, digest: str) -> str | None:
+        """The blob file's inode, size, mtime and ctime (any write, chmod or replacement changes it)."""
+        try:
+            st = self.blob_path(digest).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+    def describe(self, digest: str) -> str:
+        """Where a blob lives, for messages."""
+        return str(self.blob_path(digest))
 
     # --- blobs ------------------------------------------------------------------------------
 
@@ -127,6 +275,12 @@ class LocalStore:
 
     def has_blob(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
+
+    def blob_size(self, digest: str) -> int | None:
+        try:
+            return self.blob_path(digest).stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
     # --- staging, owned by a live writer ----------------------------------------------------
 
@@ -333,6 +487,49 @@ class LocalStore:
                 raise
         return digest
 
+    def put_blob(self, digest: str, size: int, reader: BinaryIO, progress: Progress | None = None) -> None:
+        """Store the bytes read from ``reader`` as blob ``digest``, hashing them on arrival: bytes that do
+        not hash to ``digest`` raise :class:`IntegrityError` and store nothing."""
+        with os_errors(f"storing blob {digest}"):
+            fd, tmp = self._temp()
+            try:
+                src = HashingReader(reader, progress)
+                with os.fdopen(fd, "wb") as out:
+                    while chunk := src.read(CHUNK):
+                        out.write(chunk)
+                    out.flush()
+                    if src.digest != digest:
+                        raise IntegrityError(
+                            f"the bytes received for blob {digest} hash to {src.digest} ({src.size} bytes, "
+                            f"{size} expected); nothing was stored.\n  fix: the source's copy is damaged: run "
+                            "`adapterhub verify` there, re-push the adapter to it, then retry.",
+                            expected=digest, actual=src.digest)
+                    os.fsync(out.fileno())
+                if self.has_blob(digest):
+                    try:
+                        intact = hash_file(self.blob_path(digest))[0] == digest
+                    except FileNotFoundError:
+                        intact = False
+                    if intact:
+                        tmp.unlink()
+                        return
+                    self._replace_blob(tmp, digest)
+                    return
+                self._commit_blob(tmp, digest)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+    def get_raw(self, digest: str) -> bytes | None:
+        """The blob's bytes as stored (not checked), or None when it is missing."""
+        path = self.blob_path(digest)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise storage_error(e, f"reading {path}") from e
+
     def get_bytes(self, digest: str) -> bytes:
         path = self.blob_path(digest)
         try:
@@ -346,7 +543,13 @@ class LocalStore:
         return data
 
     def open_blob(self, digest: str) -> BinaryIO:
-        return open(self.blob_path(digest), "rb")
+        """A stream of the blob's bytes as stored (the reader hashes them)."""
+        path = self.blob_path(digest)
+        try:
+            return open(path, "rb")
+        except (FileNotFoundError, NotADirectoryError) as e:
+            raise NotFoundError(f"blob {digest} is missing from {self.root}.\n  file: {path}\n"
+                                "  fix: run `adapterhub verify` to list damaged versions; re-push them.") from e
 
     def list_blobs(self) -> Iterator[str]:
         if not self.blobs.is_dir():
@@ -356,8 +559,45 @@ class LocalStore:
                 for f in sorted(d.iterdir()):
                     yield f"sha256:{d.name}{f.name}"
 
+    def list_blob_info(self) -> Iterator[BlobInfo]:
+        for digest in self.list_blobs():
+            try:
+                st = self.blob_path(digest).stat()
+            except FileNotFoundError:  # removed by a concurrent gc
+                continue
+            yield BlobInfo(digest, st.st_size, st.st_mtime)
+
     def delete_blob(self, digest: str) -> None:
         self.blob_path(digest).unlink(missing_ok=True)
+
+    # --- leftovers of interrupted writers -------------------------------------------------------------
+
+    def staging_removable(self, entry: Path, now: float, grace: float) -> bool:
+        _, alive = self.staging_owner(entry)
+        if alive is not None:
+            return not alive
+        try:
+            return now - entry.lstat().st_mtime >= grace
+        except FileNotFoundError:
+            return False
+
+    def leftovers(self, grace: float) -> list[Leftover]:
+        """Staging entries whose writer is gone, and those no live process owns older than ``grace``."""
+        out: list[Leftover] = []
+        if self.tmp.is_dir():
+            now = time.time()
+            for p in sorted(self.tmp.iterdir()):
+                if self.staging_removable(p, now, grace):
+                    out.append(Leftover("staging", str(p), entry_size(p), p))
+        return out
+
+    def remove_leftover(self, item: Leftover, grace: float) -> int:
+        """Remove a planned leftover if it still is one; returns the bytes freed, or -1 when it was kept."""
+        p = item.handle
+        assert isinstance(p, Path)
+        if (p.exists() or p.is_symlink()) and self.staging_removable(p, time.time(), grace):
+            return remove_entry(p)
+        return -1
 
     # --- small documents (refs) --------------------------------------------------------------
 
@@ -416,6 +656,27 @@ class LocalStore:
             return []
         return sorted(p.name for p in d.iterdir() if not p.name.startswith("."))
 
+    def walk_docs(self, prefix: str) -> list[str]:
+        """Every document key below ``prefix`` (relative to the registry root), sorted."""
+        d = self._doc(prefix)
+        if not d.is_dir():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in d.rglob("*")
+                      if p.is_file() and not p.name.startswith("."))
+
+    def read_doc_token(self, key: str) -> tuple[str, str] | None:
+        """(text, token) of a document; the token is what :meth:`swap_doc` compares (here: the text)."""
+        text = self.read_doc(key)
+        return None if text is None else (text, text)
+
+    def swap_doc(self, key: str, text: str, token: str) -> bool:
+        """Replace a document only if it still holds ``token`` (compare-and-swap, under ``locks/docs.lock``)."""
+        with self.lock("docs.lock"):
+            if self.read_doc(key) != token:
+                return False
+            self.replace_doc(key, text)
+            return True
+
 
 def entry_size(path: Path) -> int:
     """Bytes held by a file, or by the files below a directory (links not followed)."""
@@ -437,10 +698,10 @@ def remove_entry(path: Path) -> int:
     return size
 
 
-def corrupt(expected: str, actual: str, path: Path, ref: str | None = None) -> IntegrityError:
+def corrupt(expected: str, actual: str, path: Path | str, ref: str | None = None) -> IntegrityError:
     where = f" of '{ref}'" if ref else ""
     return IntegrityError(
         f"Blob {expected.removeprefix('sha256:')[:12]}...{where} is corrupt (sha256 mismatch).\n"
         f"  file: {path}\n  expected: {expected}\n  actual:   {actual}\n"
         "  fix: re-push the adapter, or run `adapterhub verify` to list every damaged version.",
-        path=path, expected=expected, actual=actual)
+        path=path if isinstance(path, Path) else None, expected=expected, actual=actual)
