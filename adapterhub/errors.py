@@ -295,3 +295,35 @@ class UnrepresentableChangeError(ExtractError):
     def __init__(self, message: str, *, tensors: list[str]) -> None:
         super().__init__(message)
         self.tensors = list(tensors)
+
+
+# --- remotes: S3, shared directories, the Hugging Face Hub (issue 12) ------------------------------
+
+
+class RemoteError(RegistryError):
+    """A remote registry cannot be used as asked: an unknown remote name, a malformed URL, a missing
+    optional dependency (``adapterhub[s3]``), or a Hub repository that holds no adapter."""
+
+    def __init__(self, message: str, *, remote: str | None = None) -> None:
+        super().__init__(message)
+        self.remote = remote
+
+
+class UnsafeRemoteError(RemoteError):
+    """The server ignores conditional writes (``If-None-Match: *`` / ``If-Match``), so two publishers
+    could both create one version: refused at ``remote add``. ``failed`` names the checks that failed."""
+
+    def __init__(self, message: str, *, remote: str | None = None, failed: tuple[str, ...] = ()) -> None:
+        super().__init__(message, remote=remote)
+        self.failed = failed
+
+
+class VersionConflictError(VersionExistsError):
+    """Copying a version between registries: the destination holds the same number with other content.
+    ``ours`` is the digest being copied, ``theirs`` the one already there."""
+
+    def __init__(self, message: str, *, ref: str | None = None, ours: str | None = None,
+                 theirs: str | None = None) -> None:
+        super().__init__(message, ref=ref)
+        self.ours = ours
+        self.theirs = theirs

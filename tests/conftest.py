@@ -145,3 +145,32 @@ def raw_file(path: Path, header: object, data: bytes = b"", *, header_bytes: byt
     n = len(hb) if declared_len is None else declared_len
     path.write_bytes(struct.pack("<Q", n) + hb + data)
     return path
+
+
+# --- S3 servers for the remote tests (tests/seaweed.py) ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """One real SeaweedFS S3 server for the whole session (AWS credentials set in the environment)."""
+    from seaweed import CREDENTIALS, Seaweed
+
+    os.environ.update(CREDENTIALS)
+    server = Seaweed(tmp_path_factory.mktemp("seaweed"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_url(seaweed, request) -> str:
+    """A fresh prefix in the session's bucket on SeaweedFS: its s3:// URL (endpoint: seaweed.endpoint_url).
+
+    One bucket for the session: SeaweedFS gives every bucket its own volumes, and a bucket per test
+    would exhaust -volume.max (HTTP 500 InternalError)."""
+    import re
+    import secrets
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    return f"s3://{seaweed.session_bucket}/{name}-{secrets.token_hex(4)}/reg"

@@ -745,8 +745,9 @@ class Registry:
                 index.mark_dirty(name)
                 # newest first: if the ref is never created, _newest() falls back to creation times
                 self._set_newest(name, version)
-                if self.store.create_doc(self._key(name, "versions", version), digest + "\n"):
-                    break
+                key = self._key(name, "versions", version)
+                if self.store.create_doc(key, digest + "\n") or (self.store.read_doc(key) or "").strip() == digest:
+                    break  # created; or a retried request whose first attempt created it (same bytes): a success
                 # lost the race for this number (a remote store, or a writer that takes no lock):
                 # look again; a named version is then compared, a numbered push takes the next number
             else:

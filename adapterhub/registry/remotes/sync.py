@@ -1,0 +1,261 @@
+"""Copy versions between two registries on any stores, keeping their numbers and digests.
+
+For each version: the manifest is read and hash-checked at the source; the blobs the destination
+lacks (manifest and files, found by content address) are sent, several at once, each hashed on
+arrival (a local destination hashes what it writes; an S3 destination's server checks the sha256 of
+each single PUT, and a multipart upload is completed only when the sha256 of the bytes sent matches);
+then the version ref is created last, with create-if-absent. A ref that already holds the same
+digest is a success (a re-run, or a retry after a lost answer); one holding another digest is a
+:class:`~adapterhub.errors.VersionConflictError` naming both digests, unless ``renumber`` publishes
+the content under the destination's next free number instead. Tags of the source that point at
+copied versions are then set on the destination (compare-and-swap on a remote), and ``newest``
+advances.
+
+Interrupted at any point, both registries stay valid: the destination holds complete versions or
+orphan blobs (and pending multipart uploads), which the next run reuses and ``gc`` removes later.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+from adapterhub.errors import IntegrityError, NotFoundError, VersionConflictError
+from adapterhub.registry.refs import is_integer_version, parse_ref
+from adapterhub.registry.registry import (
+    MAX_NUMBER_RACES,
+    Registry,
+    Resolved,
+    _version_key,
+    canonical_json,
+    next_version,
+)
+
+#: blobs (and versions) in flight at once
+WORKERS = 8
+Progress = Callable[[int], None]
+
+
+@dataclass
+class TransferReport:
+    """What a copy did: versions ``copied`` (``SRC_REF -> DST_REF``), ``present`` (already there, same
+    digest), ``skipped`` (damaged at the source, with why); blobs and bytes sent, and the blobs the
+    destination already had."""
+
+    copied: list[str] = field(default_factory=list)
+    present: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    blobs_sent: int = 0
+    bytes_sent: int = 0
+    blobs_present: int = 0
+    bytes_present: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def _count(self, sent: bool, size: int) -> None:
+        with self._lock:
+            if sent:
+                self.blobs_sent += 1
+                self.bytes_sent += size
+            else:
+                self.blobs_present += 1
+                self.bytes_present += size
+
+
+def select_versions(src: Registry, pattern: str | None = None) -> list[Resolved]:
+    """Every version of every name matching a glob (all names when None), in name and version order."""
+    out = []
+    for name in src.names():
+        if pattern and not fnmatchcase(name, pattern):
+            continue
+        for v, d in sorted(src._versions(name).items(), key=lambda vd: _version_key(vd[0])):
+            out.append(Resolved(name, v, d))
+    return out
+
+
+def plan_size(src: Registry, versions: Iterable[Resolved]) -> int:
+    """Bytes of every file of these versions (an upper bound of what a copy sends; for a progress bar)."""
+    total = 0
+    for r in versions:
+        try:
+            total += int(src._manifest(r.digest, r.ref).get("size") or 0)
+        except IntegrityError:
+            continue
+    return total
+
+
+def copy_versions(src: Registry, dst: Registry, versions: list[Resolved], *, renumber: bool = False,
+                  tags: bool = True, workers: int = WORKERS, progress: Progress | None = None) -> TransferReport:
+    """Copy ``versions`` of ``src`` into ``dst`` (see the module's docstring).
+
+    Raises:
+        VersionConflictError: a number holds other content at the destination (nothing of that version
+            is referenced there; its blobs stay for the next run or gc).
+        IntegrityError: a source blob is damaged (refused on arrival; the fix names ``verify``).
+        StorageError: the destination is read-only, unreachable or full.
+    """
+    dst._require_writable("copy versions into it")
+    report = TransferReport()
+    lock = threading.Lock()
+
+    def tick(n: int) -> None:
+        if progress:
+            with lock:
+                progress(n)
+
+    names = sorted({r.name for r in versions})
+    with dst._gc_shared(), ThreadPoolExecutor(workers) as blob_pool, ThreadPoolExecutor(workers) as version_pool:
+        if dst.store.local:
+            index = dst.index  # sqlite: marked from this thread only
+            for name in names:
+                index.mark_dirty(name)
+        done: dict[str, list[tuple[Resolved, Resolved]]] = {n: [] for n in names}
+        jobs = [version_pool.submit(_copy_one, src, dst, r, blob_pool, report, tick, renumber) for r in versions]
+        try:
+            for r, job in zip(versions, jobs, strict=True):
+                result = job.result()
+                if result is not None:
+                    done[r.name].append((r, result))
+        finally:
+            for job in jobs:
+                job.cancel()
+            if dst.store.local:
+                for name in names:
+                    with dst._name_lock(name):
+                        dst._refresh(name)
+            dst._indexed.difference_update(names)
+        for name in names:
+            if tags and done[name]:
+                _copy_tags(src, dst, name, done[name], report)
+        if dst.store.local:
+            for name in names:
+                with dst._name_lock(name):
+                    dst._refresh(name)
+    return report
+
+
+def _copy_one(src: Registry, dst: Registry, r: Resolved, pool: ThreadPoolExecutor, report: TransferReport,
+              tick: Progress, renumber: bool) -> Resolved | None:
+    """Copy one version; returns where it lives at the destination (None: skipped as damaged)."""
+    try:
+        manifest = src._manifest(r.digest, r.ref)
+    except IntegrityError as e:
+        with report._lock:
+            report.skipped.append(f"{r.ref}: {str(e).splitlines()[0]}")
+        return None
+    key = dst._key(r.name, "versions", r.version)
+    existing = (dst.store.read_doc(key) or "").strip()
+    if existing == r.digest:
+        with report._lock:
+            report.present.append(r.ref)
+        tick(int(manifest.get("size") or 0))
+        return r
+    if existing and not renumber:
+        raise _conflict(src, dst, r, existing)
+    _send_blobs(src, dst, r, manifest, pool, report, tick)
+    if existing:  # renumber: the same files under the destination's next free number
+        return _publish_renumbered(dst, r, manifest)
+    with dst._name_lock(r.name):
+        created = dst.store.create_doc(key, r.digest + "\n")
+    if created:
+        with report._lock:
+            report.copied.append(f"{r.ref} -> {dst.location}")
+        return r
+    theirs = (dst.store.read_doc(key) or "").strip()
+    if theirs == r.digest:  # created meanwhile with the same bytes (a retry, a concurrent copy): success
+        with report._lock:
+            report.present.append(r.ref)
+        return r
+    if renumber:
+        return _publish_renumbered(dst, r, manifest)
+    raise _conflict(src, dst, r, theirs)
+
+
+def _conflict(src: Registry, dst: Registry, r: Resolved, theirs: str) -> VersionConflictError:
+    return VersionConflictError(
+        f"{r.ref} exists in {dst.location} with other content.\n"
+        f"  {src.location}: {r.digest}\n  {dst.location}: {theirs}\n"
+        "  Versions are immutable, so it was not copied.\n"
+        f"  fix: publish it under {dst.location}'s next free number instead with --renumber "
+        f"(e.g. `adapterhub push {r.ref} --to DST --renumber`), or compare the two with `adapterhub show`.",
+        ref=r.ref, ours=r.digest, theirs=theirs)
+
+
+def _send_blobs(src: Registry, dst: Registry, r: Resolved, manifest: dict[str, Any], pool: ThreadPoolExecutor,
+                report: TransferReport, tick: Progress) -> None:
+    """Send the manifest and file blobs ``dst`` lacks, several at once, each hashed on arrival."""
+    wanted: dict[str, int] = {"sha256:" + f["sha256"]: int(f["size"]) for f in manifest["files"]}
+    wanted[r.digest] = len(canonical_json(manifest))
+
+    def one(digest: str, size: int) -> None:
+        if dst.store.has_blob(digest):
+            report._count(False, size)
+            tick(size if digest != r.digest else 0)
+            return
+        try:
+            stream = src.store.open_blob(digest)
+        except NotFoundError as e:
+            raise IntegrityError(f"blob {digest} of '{r.ref}' is missing from {src.location}.\n"
+                                 f"  file: {src.store.describe(digest)}\n  fix: re-push the adapter there; "
+                                 "`adapterhub verify` lists every damaged version.", expected=digest) from e
+        try:
+            dst.store.put_blob(digest, size, stream, tick if digest != r.digest else None)
+        finally:
+            stream.close()
+        report._count(True, size)
+
+    # the manifest last: a destination holding it never lacks a file it names
+    files = [pool.submit(one, d, s) for d, s in wanted.items() if d != r.digest]
+    for f in files:
+        f.result()
+    one(r.digest, wanted[r.digest])
+
+
+def _publish_renumbered(dst: Registry, r: Resolved, manifest: dict[str, Any]) -> Resolved:
+    """The same files as a new version under the destination's next free number (a new manifest)."""
+    with dst._name_lock(r.name):
+        for _ in range(MAX_NUMBER_RACES):
+            versions = dst._versions(r.name)
+            version = next_version(versions)
+            new = {**manifest, "version": version}
+            digest = dst.store.put_bytes(canonical_json(new))
+            if dst.store.create_doc(dst._key(r.name, "versions", version), digest + "\n"):
+                return Resolved(r.name, version, digest)
+    raise VersionConflictError(f"{r.name}: lost the race for a version number {MAX_NUMBER_RACES} times; retry.",
+                               ref=r.ref)
+
+
+def _copy_tags(src: Registry, dst: Registry, name: str, done: list[tuple[Resolved, Resolved]],
+               report: TransferReport) -> None:
+    """Point the destination's tags where the source's point (for copied versions), then advance newest."""
+    where = {s.version: d.version for s, d in done}
+    dst_versions = dst._versions(name)
+    with dst._name_lock(name):
+        for tag, version in sorted(src._explicit_tags(name).items()):
+            if version in where and where[version] in dst_versions:
+                dst._set_doc(dst._key(name, "tags", tag), where[version] + "\n")
+                with report._lock:
+                    report.tags.append(f"{name}@{tag} -> {where[version]}")
+        newest_src = src._newest(name)
+        candidates = [d.version for s, d in done if s.version == newest_src] or [d.version for _, d in done]
+        best = max(candidates, key=_version_key)
+
+        def advance(old: str | None) -> str | None:
+            cur = (old or "").strip()
+            if cur in dst_versions and is_integer_version(cur) and is_integer_version(best) and int(cur) >= int(best):
+                return None
+            return best + "\n"
+
+        dst._swap(dst._key(name, "newest"), advance)
+
+
+def resolve_at(src: Registry, ref: str) -> Resolved:
+    """Resolve a reference at ``src`` (any store)."""
+    return src.resolve(parse_ref(ref))
