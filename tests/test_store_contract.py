@@ -90,7 +90,7 @@ def test_create_if_absent_race_between_threads_has_exactly_one_winner(backend):
         barrier = threading.Barrier(8)
         won: list[int] = []
 
-        def go(i: int, key: str = key, barrier: threading.Barrier = barrier) -> None:
+        def go(i: int, key: str = key, barrier: threading.Barrier = barrier, won: list[int] = won) -> None:
             barrier.wait()
             if store.create_doc(key, f"writer {i}\n"):
                 won.append(i)
