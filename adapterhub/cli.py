@@ -174,15 +174,21 @@ def _method_help() -> str:
 class _LazyRegistry:
     """Opens the registry on first use, so commands that need none never create one."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, endpoint_url: str | None = None) -> None:
         self.path = path
+        self.endpoint_url = endpoint_url
         self._registry = None
 
     def get(self):  # noqa: ANN201 - Registry, imported lazily
         if self._registry is None:
             from adapterhub.registry import Registry
 
-            self._registry = Registry(self.path)
+            if self.path is not None and "://" in self.path:  # a remote registry: s3://, file://
+                from adapterhub.registry.remotes import open_registry
+
+                self._registry = open_registry(self.path, None, self.endpoint_url)
+            else:
+                self._registry = Registry(self.path)
         return self._registry
 
 
@@ -193,11 +199,14 @@ class _LazyRegistry:
                     "tracebacks.")
 @click.version_option(package_name="adapterhub")
 @click.option("--registry", "registry_path", envvar="ADAPTERHUB_REGISTRY", type=click.Path(file_okay=False),
-              help="Registry directory [env: ADAPTERHUB_REGISTRY; default: ~/.local/share/adapterhub/registry].")
+              help="Registry directory, or a remote registry's URL (s3://BUCKET/PREFIX, file:///DIR) "
+                   "[env: ADAPTERHUB_REGISTRY; default: ~/.local/share/adapterhub/registry].")
+@click.option("--endpoint-url", "endpoint_url", envvar="AWS_ENDPOINT_URL", metavar="URL",
+              help="S3 endpoint of a non-AWS server (SeaweedFS, MinIO) for s3:// URLs [env: AWS_ENDPOINT_URL].")
 @click.pass_context
-def cli(ctx: click.Context, registry_path: str | None) -> None:
+def cli(ctx: click.Context, registry_path: str | None, endpoint_url: str | None) -> None:
     """Store, check, compose and ship adapters for shared base models."""
-    ctx.obj = _LazyRegistry(registry_path)
+    ctx.obj = _LazyRegistry(registry_path, endpoint_url)
 
 
 pass_registry = click.make_pass_decorator(_LazyRegistry)
@@ -361,9 +370,16 @@ def convert(adapter: str, output: str, fmt: str, base_dir: str | None, force: bo
 # --- registry ------------------------------------------------------------------------------------
 
 
-@cli.command(short_help="Store an adapter directory as NAME[@VERSION].")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=str))
-@click.argument("target", metavar="NAME[@VERSION]")
+@cli.command(short_help="Store an adapter directory as NAME[@VERSION], or copy a version to a remote.")
+@click.argument("directory", metavar="DIR|REF")
+@click.argument("target", metavar="[NAME[@VERSION]]", required=False)
+@click.option("--to", "to", metavar="REMOTE",
+              help="Publish to this remote (a name from `adapterhub remote list`, a URL or a registry path) instead "
+                   "of the local registry; with REF alone, copy that version there keeping its number.")
+@click.option("--renumber", is_flag=True,
+              help="With REF --to: if the remote holds that number with other content, publish under its next "
+                   "free number instead of failing.")
+@click.option("--endpoint-url", "endpoint_url", metavar="URL", help="S3 endpoint for an s3:// URL given to --to.")
 @click.option("--tag", "tags", multiple=True, help="Tag to point at the new version (repeatable).")
 @click.option("--description", default="", help="Free text stored in the manifest.")
 @click.option("--base", "base_dir", type=click.Path(file_okay=False, path_type=str),
@@ -376,15 +392,28 @@ def convert(adapter: str, output: str, fmt: str, base_dir: str | None, force: bo
               help="Make a new version even when one of NAME already holds identical content.")
 @allow_pickle_option
 @pass_registry
-def push(reg: _LazyRegistry, directory: str, target: str, tags: tuple[str, ...], description: str,
+def push(reg: _LazyRegistry, directory: str, target: str | None, to: str | None, renumber: bool,
+         endpoint_url: str | None, tags: tuple[str, ...], description: str,
          base_dir: str | None, metrics: tuple[str, ...], include: tuple[str, ...], include_all: bool,
          allow_duplicate: bool, allow_pickle: bool) -> None:
-    """Store the adapter in DIRECTORY as NAME[@VERSION]; prints NAME@VERSION sha256:DIGEST last.
+    """Store the adapter in DIR as NAME[@VERSION]; prints NAME@VERSION sha256:DIGEST last.
 
     Stores what an adapter directory is (adapter configs, the weights, README, tokenizer files,
     generation/chat templates) and lists what it left out; --include GLOB or --include-all store more.
     Pickles (*.bin, *.pt, *.pth, *.pkl, *.ckpt) are stored only with --allow-pickle.
+
+    With --to REMOTE, DIR NAME is published straight to the remote (numbered there as a local push
+    is), and REF alone copies an existing version there, keeping its number and digest. An hf://ORG/REPO
+    remote gets one commit holding the PEFT adapter, the manifest and a model card, and a tag vVERSION.
     """
+    endpoint_url = endpoint_url or reg.endpoint_url
+    if target is None:
+        if to is None:
+            raise click.UsageError("give DIR NAME[@VERSION], or REF --to REMOTE")
+        _copy_to(reg, directory, to, endpoint_url, renumber)
+        return
+    if not Path(directory).is_dir():
+        raise click.BadParameter(f"{directory!r} is not a directory", param_hint="DIR")
     parsed = {}
     for m in metrics:
         key, sep, value = m.partition("=")
@@ -397,6 +426,10 @@ def push(reg: _LazyRegistry, directory: str, target: str, tags: tuple[str, ...],
     for t in tags:
         check_tag(t)
     registry = reg.get()
+    if to is not None:
+        from adapterhub.registry.remotes import open_registry
+
+        registry = open_registry(to, registry, endpoint_url)
     total = sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
     with _progress(total, "pushing") as progress:
         result = registry.push(directory, target, tags=tags, description=description, metrics=parsed,
@@ -431,7 +464,17 @@ def _number(text: str) -> Any:
 
 @cli.command(short_help="Write version REF to a directory, verifying every hash.")
 @click.argument("ref")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Directory to write.")
+@click.option("-o", "--output", type=click.Path(path_type=str),
+              help="Directory to write (optional with --from or hf://: the version is then only imported).")
+@click.option("--from", "from_", metavar="REMOTE",
+              help="Copy REF from this remote (name, URL or registry path) into the local registry first, keeping "
+                   "its number and digest; every byte is hashed on arrival.")
+@click.option("--renumber", is_flag=True,
+              help="With --from: if the local registry holds that number with other content, import under the "
+                   "next free number instead of failing.")
+@click.option("--name", "import_name", metavar="NAME",
+              help="For hf://ORG/REPO[@REVISION]: the local name to import under (default: ORG/REPO, lower-cased).")
+@click.option("--endpoint-url", "endpoint_url", metavar="URL", help="S3 endpoint for an s3:// URL given to --from.")
 @click.option("--format", "fmt", type=FORMAT_CHOICE, default=None,
               help="Write in this format. Default: the format it was pushed in; adapterhub's own format (blends) "
                    "as PEFT where PEFT can express it (LoRA, IA3, prefix tuning).")
@@ -439,14 +482,26 @@ def _number(text: str) -> Any:
 @click.option("--link", is_flag=True,
               help="Hard-link files from the registry (instant; re-hashes only changed blobs; never edit them).")
 @pass_registry
-def pull(reg: _LazyRegistry, ref: str, output: str, fmt: str | None, force: bool, link: bool) -> None:
+def pull(reg: _LazyRegistry, ref: str, output: str | None, from_: str | None, renumber: bool,
+         import_name: str | None, endpoint_url: str | None, fmt: str | None, force: bool, link: bool) -> None:
     """Write version REF to a directory, verifying every hash.
 
     Without --format, a version comes back in the format it was pushed in; one stored in adapterhub's
     own format (a blend) is written as a PEFT directory where PEFT can express it, and the command
     says so.
+
+    With --from REMOTE, the version is first copied into the local registry (same number and digest).
+    REF may be hf://ORG/REPO[@REVISION]: any PEFT adapter repo on the Hub is imported into the local
+    registry, its repo and commit recorded as its source (HF_HUB_OFFLINE=1 reads the local HF cache).
     """
     registry = reg.get()
+    endpoint_url = endpoint_url or reg.endpoint_url
+    if ref.startswith("hf://") or from_ is not None:
+        ref = _import_version(registry, ref, from_, endpoint_url, renumber, import_name)
+        if output is None:
+            return
+    elif output is None:
+        raise click.UsageError("give -o DIR (or --from REMOTE to import a version from a remote)")
     chosen = registry.pull_format(ref, fmt or "auto")
     size = int(registry.manifest(ref).get("size") or 0)
     with _progress(size, "pulling") as progress:
@@ -569,15 +624,18 @@ def rm(reg: _LazyRegistry, ref: str) -> None:
 @click.option("--temp-grace", type=click.FloatRange(min=0), default=3600, metavar="SECONDS",
               help="Age after which staging files no running process owns are removed (default 3600; 0: now). "
                    "Those of killed pushes go at once, those of running pushes never.")
+@click.option("--grace", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Remove only unreferenced blobs (and, on S3, pending uploads) at least this old. Default: 0 on "
+                   "a local registry (pushes hold a lock), 86400 on a remote one (no locks there).")
 @json_option
 @pass_registry
-def gc(reg: _LazyRegistry, dry_run: bool, temp_grace: float, as_json: bool) -> None:
+def gc(reg: _LazyRegistry, dry_run: bool, temp_grace: float, grace: float | None, as_json: bool) -> None:
     """Remove blobs no version references, snapshots of removed versions and staging leftovers.
 
     Reports what was removed (blobs a push referenced meanwhile are kept and said so); --dry-run
     reports the plan.
     """
-    done = reg.get().gc(dry_run=dry_run, temp_grace=temp_grace)
+    done = reg.get().gc(dry_run=dry_run, temp_grace=temp_grace, grace=grace)
     if as_json:
         _emit_json({**done.to_dict(), "dry_run": dry_run})
         return
@@ -619,6 +677,168 @@ def reindex(reg: _LazyRegistry) -> None:
     for d in damaged:
         click.echo(f"warning: skipped damaged version {d.ref}: {d.problem}; fix: `adapterhub rm {d.ref}`.", err=True)
     click.echo("index rebuilt")
+
+
+# --- remotes -------------------------------------------------------------------------------------
+
+
+def _render_transfer(report: Any, where: str) -> None:
+    for s in report.skipped:
+        click.echo(f"warning: skipped damaged version {s}", err=True)
+    for line in report.copied:
+        click.echo(f"copied {line}")
+    for ref in report.present:
+        click.echo(f"{ref} already in {where}")
+    for t in report.tags:
+        click.echo(f"tagged {t}")
+    click.echo(f"sent {report.blobs_sent} blob(s), {_human(report.bytes_sent)}; {report.blobs_present} blob(s) "
+               f"({_human(report.bytes_present)}) were there already", err=True)
+
+
+def _copy_to(reg: _LazyRegistry, ref: str, to: str, endpoint_url: str | None, renumber: bool) -> None:
+    """``push REF --to REMOTE``: one library call, rendered."""
+    registry = reg.get()
+    if to.startswith("hf://"):
+        from adapterhub.registry.remotes.hf import push_to_hub
+
+        pushed = push_to_hub(registry, ref, to, endpoint=endpoint_url)
+        click.echo(f"{pushed.ref} -> {to} commit {pushed.commit} tag {pushed.tag}"
+                   + ("" if pushed.created else " (already there)"))
+        return
+    from adapterhub.registry.remotes.sync import plan_size, push_ref
+
+    res = registry.resolve(ref)
+    with _progress(plan_size(registry, [res]), f"pushing to {to}") as progress:
+        report, dst = push_ref(registry, ref, to, endpoint_url=endpoint_url, renumber=renumber, progress=progress)
+    _render_transfer(report, dst.location)
+
+
+def _import_version(registry: Any, ref: str, from_: str | None, endpoint_url: str | None, renumber: bool,
+                    name: str | None) -> str:
+    """``pull --from REMOTE`` / ``pull hf://...``: import into the local registry; returns the local reference."""
+    if ref.startswith("hf://"):
+        from adapterhub.registry.remotes.hf import pull_from_hub
+
+        result = pull_from_hub(registry, ref, name=name, endpoint=endpoint_url)
+        click.echo(f"{ref} (commit {result.commit}) -> {result.ref} {result.digest}"
+                   + (" (already imported)" if not result.created else ""))
+        return result.ref
+    from adapterhub.registry.remotes.sync import pull_ref
+
+    assert from_ is not None
+    with _progress(0, "pulling") as progress:
+        report, here = pull_ref(registry, ref, from_, endpoint_url=endpoint_url, renumber=renumber,
+                                progress=progress)
+    _render_transfer(report, registry.location)
+    click.echo(f"{here.ref} {here.digest}")
+    return here.ref
+
+
+@cli.group(short_help="Name remote registries: S3 buckets, shared directories.")
+def remote() -> None:
+    """Name remote registries (s3://BUCKET/PREFIX, file:///shared/dir) for push --to, pull --from and sync.
+
+    Names live in the local registry's remotes.json; credentials never do (S3 reads the standard AWS
+    variables: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, AWS_ENDPOINT_URL).
+    """
+
+
+@remote.command(name="add", short_help="Name a remote after checking that it honours conditional writes.")
+@click.argument("name")
+@click.argument("url")
+@click.option("--endpoint-url", "endpoint_url", metavar="URL", help="S3 endpoint of a non-AWS server.")
+@click.option("--replace", is_flag=True, help="Replace a remote of that name.")
+@pass_registry
+def remote_add(reg: _LazyRegistry, name: str, url: str, endpoint_url: str | None, replace: bool) -> None:
+    """Name URL as remote NAME, after probing it: a create-if-absent of an existing key must be refused
+    (If-None-Match: *) and a stale compare-and-swap too (If-Match). A server that ignores them is refused."""
+    from adapterhub.registry.remotes import add_remote
+
+    r = add_remote(reg.get(), name, url, endpoint_url=endpoint_url or reg.endpoint_url, replace=replace)
+    checks = (r.probe or {}).get("checks", [])
+    click.echo(f"added remote {r.name} -> {r.url}" + (f" (endpoint {r.endpoint_url})" if r.endpoint_url else "")
+               + (f": {len(checks)}/{len(checks)} conditional-write checks passed" if checks else ""))
+
+
+@remote.command(name="list", short_help="List the named remotes.")
+@json_option
+@pass_registry
+def remote_list(reg: _LazyRegistry, as_json: bool) -> None:
+    """List the named remotes."""
+    from adapterhub.registry.remotes import load_remotes
+
+    remotes = load_remotes(reg.get())
+    if as_json:
+        _emit_json([r.to_dict() for r in remotes.values()])
+        return
+    for r in remotes.values():
+        click.echo(f"{r.name}\t{r.url}" + (f"\t{r.endpoint_url}" if r.endpoint_url else ""))
+
+
+@remote.command(name="remove", short_help="Forget a named remote (nothing on it is touched).")
+@click.argument("name")
+@pass_registry
+def remote_remove(reg: _LazyRegistry, name: str) -> None:
+    """Forget remote NAME (nothing on it is touched)."""
+    from adapterhub.registry.remotes import remove_remote
+
+    gone = remove_remote(reg.get(), name)
+    click.echo(f"removed remote {gone.name} ({gone.url})")
+
+
+@cli.command(short_help="Copy every version matching PATTERN from SRC to DST.")
+@click.argument("src")
+@click.argument("dst")
+@click.argument("pattern", required=False)
+@click.option("--renumber", is_flag=True,
+              help="Publish a version whose number DST holds with other content under DST's next free number.")
+@click.option("--endpoint-url", "endpoint_url", metavar="URL", help="S3 endpoint for s3:// URLs.")
+@json_option
+@pass_registry
+def sync(reg: _LazyRegistry, src: str, dst: str, pattern: str | None, renumber: bool, endpoint_url: str | None,
+         as_json: bool) -> None:
+    """Copy every version of the names matching PATTERN (a glob, e.g. 'team/*'; default all) from SRC to DST,
+    keeping numbers and digests; only blobs DST lacks are sent. SRC and DST are remote names, URLs
+    (s3://, file://) or registry paths. Re-running it after an interruption resumes."""
+    from adapterhub.registry.remotes.sync import sync as run_sync
+
+    with _progress(0, "syncing") as progress:
+        report, a, b = run_sync(reg.get(), src, dst, pattern, endpoint_url=endpoint_url or reg.endpoint_url,
+                                renumber=renumber, progress=progress)
+    if as_json:
+        _emit_json(report.to_dict())
+        return
+    _render_transfer(report, b.location)
+
+
+@cli.command(short_help="Bytes stored, saved by dedup, and the cost as merged copies.")
+@json_option
+@pass_registry
+def du(reg: _LazyRegistry, as_json: bool) -> None:
+    """Storage economics of the registry: bytes stored, bytes saved by deduplication, and what the same
+    versions would cost as full merged copies of their bases (base sizes recorded by push --base)."""
+    from adapterhub.registry.usage import usage
+
+    u = usage(reg.get())
+    if as_json:
+        _emit_json(u.to_dict())
+        return
+    click.echo(f"{u.location}: {u.versions} version(s), {u.blobs} blob(s)")
+    rows = [("stored", u.stored_bytes, "every blob, orphans included" if u.orphan_bytes else "every blob"),
+            ("as whole copies", u.logical_bytes, "each version's files stored separately"),
+            ("saved by dedup", u.dedup_saved_bytes, "shared files stored once")]
+    if u.merged_bytes:
+        ratio = u.merged_ratio or 0
+        rows.append(("as merged models", u.merged_bytes,
+                     f"{u.versions - u.unpriced} version(s) as full copies of their bases: {ratio:,.0f}x their "
+                     "adapters"))
+    for label, n, what in rows:
+        click.echo(f"  {label:<17}{_human(n):>12}  {what}")
+    if u.unpriced:
+        click.echo(f"  {u.unpriced} version(s) have no recorded base size (push --base records it)")
+    for b in u.bases:
+        merged = f", merged {_human(b.merged_bytes)}" if b.merged_bytes else ""
+        click.echo(f"  base {b.base}: {b.versions} version(s), adapters {_human(b.adapter_bytes)}{merged}")
 
 
 # --- compose -------------------------------------------------------------------------------------

@@ -12,12 +12,14 @@ Modes:
         Open the registry at URL, print ``READY``, wait for GO_FILE, push SRC to NAME N times (each a new
         version: allow_duplicate), printing ``DONE name@version sha256:...`` after each.
     copy SRC_URL DST_URL ENDPOINT REF PART_SIZE
-        Copy REF from SRC to DST (S3 part size PART_SIZE bytes on both), printing ``START`` first and
-        ``COPIED`` at the end; the parent kills it in the middle.
+        Copy REF from SRC to DST (S3 part size PART_SIZE bytes on both), printing ``START`` first,
+        ``BYTES n`` for each chunk moved and ``COPIED`` at the end; the parent kills it in the middle.
+        ``ADAPTERHUB_TEST_SLOW_PROGRESS=S`` sleeps S seconds after each chunk of 1 MiB or more.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,8 +63,15 @@ def main() -> None:
         ep = None if endpoint == "-" else endpoint
         src = open_registry(src_url, endpoint_url=ep, **(opts if src_url.startswith("s3://") else {}))
         dst = open_registry(dst_url, endpoint_url=ep, **(opts if dst_url.startswith("s3://") else {}))
+        slow = float(os.environ.get("ADAPTERHUB_TEST_SLOW_PROGRESS", "0"))
+
+        def progress(n: int) -> None:
+            say("BYTES", n)
+            if n >= 1024 * 1024:
+                time.sleep(slow)  # a slow network: the parent kills us while this part's successor waits
+
         say("START")
-        copy_versions(src, dst, [src.resolve(ref)], workers=2, progress=lambda n: say("BYTES", n))
+        copy_versions(src, dst, [src.resolve(ref)], workers=2, progress=progress)
         say("COPIED")
     else:
         raise SystemExit(f"unknown mode {mode}")

@@ -92,8 +92,11 @@ class S3Store:
                  region: str | None = None, part_size: int = PART_SIZE,
                  multipart_threshold: int = MULTIPART_THRESHOLD, max_connections: int = 32) -> None:
         boto3 = _boto3()
+        import os
+
         from botocore.config import Config
 
+        endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint_url = endpoint_url
@@ -102,8 +105,6 @@ class S3Store:
         self.part_size = max(5 * MiB, part_size)
         self.multipart_threshold = max(self.part_size, multipart_threshold)
         self.traffic = Traffic()
-        import os
-
         config = Config(max_pool_connections=max_connections, retries={"max_attempts": 5, "mode": "standard"},
                         connect_timeout=10, read_timeout=120,
                         s3={"addressing_style": "path"} if endpoint_url else {})

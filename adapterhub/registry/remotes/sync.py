@@ -34,6 +34,7 @@ from adapterhub.registry.registry import (
     canonical_json,
     next_version,
 )
+from adapterhub.registry.store import LocalStore
 
 #: blobs (and versions) in flight at once
 WORKERS = 8
@@ -102,6 +103,8 @@ def copy_versions(src: Registry, dst: Registry, versions: list[Resolved], *, ren
         StorageError: the destination is read-only, unreachable or full.
     """
     dst._require_writable("copy versions into it")
+    if isinstance(dst.store, LocalStore):
+        dst.store.remove_dead_staging()  # what killed copies (and pushes) left in tmp/, as a push does
     report = TransferReport()
     lock = threading.Lock()
 
@@ -259,3 +262,49 @@ def _copy_tags(src: Registry, dst: Registry, name: str, done: list[tuple[Resolve
 def resolve_at(src: Registry, ref: str) -> Resolved:
     """Resolve a reference at ``src`` (any store)."""
     return src.resolve(parse_ref(ref))
+
+
+# --- what the commands call ---------------------------------------------------------------------------
+
+
+def push_ref(local: Registry, ref: str, to: str, *, endpoint_url: str | None = None, renumber: bool = False,
+             progress: Progress | None = None, **store_options: Any) -> tuple[TransferReport, Registry]:
+    """``adapterhub push REF --to REMOTE``: copy one version of ``local`` to a remote (name, URL or path)."""
+    from adapterhub.registry.remotes import open_registry
+
+    dst = open_registry(to, local, endpoint_url, **store_options)
+    res = local.resolve(ref)
+    return copy_versions(local, dst, [res], renumber=renumber, progress=progress), dst
+
+
+def pull_ref(local: Registry, ref: str, src: str, *, endpoint_url: str | None = None, renumber: bool = False,
+             progress: Progress | None = None, **store_options: Any) -> tuple[TransferReport, Resolved]:
+    """``adapterhub pull REF --from REMOTE``: copy one version of a remote into ``local``; returns where it
+    lives locally (its number, unless ``renumber`` had to publish it under the next free one)."""
+    from adapterhub.registry.remotes import open_registry
+
+    remote = open_registry(src, local, endpoint_url, **store_options)
+    res = remote.resolve(ref)
+    report = copy_versions(remote, local, [res], renumber=renumber, progress=progress)
+    if report.skipped:
+        raise IntegrityError(f"{res.ref} at {remote.location} is damaged: {report.skipped[0]}")
+    here = local._versions(res.name)
+    if here.get(res.version) == res.digest:
+        return report, res
+    # renumbered: the newest local version holding these files
+    for v in sorted(here, key=_version_key, reverse=True):
+        if local._manifest(here[v]).get("files") == remote._manifest(res.digest).get("files"):
+            return report, Resolved(res.name, v, here[v])
+    return report, res
+
+
+def sync(local: Registry | None, src: str, dst: str, pattern: str | None = None, *, endpoint_url: str | None = None,
+         renumber: bool = False, progress: Progress | None = None,
+         **store_options: Any) -> tuple[TransferReport, Registry, Registry]:
+    """``adapterhub sync SRC DST [PATTERN]``: copy every version of the names matching ``pattern``."""
+    from adapterhub.registry.remotes import open_registry
+
+    a = open_registry(src, local, endpoint_url, **store_options)
+    b = open_registry(dst, local, endpoint_url, **store_options)
+    versions = select_versions(a, pattern)
+    return copy_versions(a, b, versions, renumber=renumber, progress=progress), a, b
