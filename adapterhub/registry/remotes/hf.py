@@ -6,12 +6,12 @@ A Hub repo holds one adapter; its versions are commits, each tagged ``v<VERSION>
 PEFT's format (the format the Hub's PEFT integration loads; other kinds keep their stored format), the
 registry manifest (``adapterhub.manifest.json``, the canonical bytes: its sha256 is the version's
 digest) and a model card (``README.md``, :class:`huggingface_hub.ModelCard`) carrying the registry's
-metadata and lineage; files of the previous version that this one lacks are deleted in the same
-commit. The commit names its ``parent_commit`` (the branch head it was built on): the Hub refuses it
-with HTTP 412 when the branch moved meanwhile, and the push rebuilds on the new head and retries. Then
-the tag ``v<VERSION>`` is created; a tag that exists already holding the same manifest digest is a
-success (a re-run), one holding another is a conflict. ``upload_folder`` is not used: it may split
-into several commits.
+metadata and lineage; other files of the repo are left as they are (nothing is deleted). The
+commit names its ``parent_commit`` (the branch head it was built on): the Hub refuses it with HTTP
+412 when the branch moved meanwhile, and the push rebuilds on the new head and retries. Then the
+tag ``v<VERSION>`` is created; a tag that exists already holding the same manifest digest is a success
+(a re-run), one holding another is a conflict. ``upload_folder`` is not used: it may split into
+several commits.
 
 **Pull** (:func:`pull_from_hub`): ``snapshot_download`` of the revision (with ``HF_HUB_OFFLINE=1`` it
 resolves from the local HF cache only) and a push of the snapshot into the local registry, recording
@@ -119,7 +119,7 @@ def push_to_hub(local: Registry, ref: str, url: str, *, api: Any = None, endpoin
         RemoteError: a malformed URL, or the Hub refused (the message names what to check).
         VersionConflictError: the tag ``v<VERSION>`` exists holding another manifest digest.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+    from huggingface_hub import CommitOperationAdd
 
     from adapterhub.registry.remotes import parse_location
 
@@ -152,12 +152,9 @@ def push_to_hub(local: Registry, ref: str, url: str, *, api: Any = None, endpoin
         (out / "README.md").write_text(model_card(manifest, res.digest, res.ref, readme), encoding="utf-8")
         (out / MANIFEST_FILE).write_bytes(canonical_json(manifest))
         ours = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-        adds = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(out / rel)) for rel in ours]
+        ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(out / rel)) for rel in ours]
         for attempt in range(1, MAX_COMMIT_RETRIES + 1):
             head = _head(api, loc.repo, branch)
-            stale = [f for f in (api.list_repo_files(loc.repo, revision=head) if head else []) if f not in ours
-                     and f != ".gitattributes"]
-            ops = adds + [CommitOperationDelete(path_in_repo=f) for f in stale]
             try:
                 info = api.create_commit(loc.repo, ops, commit_message=f"adapterhub: {res.ref} ({res.digest[:19]})",
                                          commit_description=f"manifest digest {res.digest}", revision=branch,
@@ -236,8 +233,9 @@ def pull_from_hub(local: Registry, url: str, *, name: str | None = None, endpoin
         snap = Path(snapshot_download(loc.repo, revision=loc.revision or "main", endpoint=endpoint,
                                       cache_dir=cache_dir))
     except Exception as e:
-        offline = type(e).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled")
-        if offline:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE and type(e).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
             raise RemoteError(f"hf://{loc.repo}@{loc.revision or 'main'} is not in the local Hugging Face cache and "
                               "HF_HUB_OFFLINE=1 forbids downloading it.\n  fix: pull it once online (or unset "
                               "HF_HUB_OFFLINE).", remote=url) from e
