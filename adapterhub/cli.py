@@ -135,6 +135,37 @@ def _progress(total: int, label: str) -> Iterator[Callable[[int], None] | None]:
         yield bar.update
 
 
+class _Bar:
+    """A progress callable whose total is learnt later (``start(total)``, called by the library once it
+    knows what it will move); draws on stderr when it is a terminal, nothing when piped."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+
+    def start(self, total: int) -> None:
+        if self.bar is None and sys.stderr.isatty() and total > 0:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+
+    def __call__(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+@contextmanager
+def _bar(label: str) -> Iterator[_Bar]:
+    bar = _Bar(label)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
@@ -370,7 +401,7 @@ def convert(adapter: str, output: str, fmt: str, base_dir: str | None, force: bo
 # --- registry ------------------------------------------------------------------------------------
 
 
-@cli.command(short_help="Store an adapter directory as NAME[@VERSION], or copy a version to a remote.")
+@cli.command(short_help="Store an adapter directory, or copy a version to a remote.")
 @click.argument("directory", metavar="DIR|REF")
 @click.argument("target", metavar="[NAME[@VERSION]]", required=False)
 @click.option("--to", "to", metavar="REMOTE",
@@ -705,10 +736,9 @@ def _copy_to(reg: _LazyRegistry, ref: str, to: str, endpoint_url: str | None, re
         click.echo(f"{pushed.ref} -> {to} commit {pushed.commit} tag {pushed.tag}"
                    + ("" if pushed.created else " (already there)"))
         return
-    from adapterhub.registry.remotes.sync import plan_size, push_ref
+    from adapterhub.registry.remotes.sync import push_ref
 
-    res = registry.resolve(ref)
-    with _progress(plan_size(registry, [res]), f"pushing to {to}") as progress:
+    with _bar(f"pushing to {to}") as progress:
         report, dst = push_ref(registry, ref, to, endpoint_url=endpoint_url, renumber=renumber, progress=progress)
     _render_transfer(report, dst.location)
 
@@ -726,7 +756,7 @@ def _import_version(registry: Any, ref: str, from_: str | None, endpoint_url: st
     from adapterhub.registry.remotes.sync import pull_ref
 
     assert from_ is not None
-    with _progress(0, "pulling") as progress:
+    with _bar(f"pulling from {from_}") as progress:
         report, here = pull_ref(registry, ref, from_, endpoint_url=endpoint_url, renumber=renumber,
                                 progress=progress)
     _render_transfer(report, registry.location)
@@ -802,7 +832,7 @@ def sync(reg: _LazyRegistry, src: str, dst: str, pattern: str | None, renumber: 
     (s3://, file://) or registry paths. Re-running it after an interruption resumes."""
     from adapterhub.registry.remotes.sync import sync as run_sync
 
-    with _progress(0, "syncing") as progress:
+    with _bar("syncing") as progress:
         report, a, b = run_sync(reg.get(), src, dst, pattern, endpoint_url=endpoint_url or reg.endpoint_url,
                                 renumber=renumber, progress=progress)
     if as_json:

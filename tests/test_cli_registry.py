@@ -250,7 +250,8 @@ def test_gc_temp_grace_and_what_gc_prints(registry_cli, tmp_path):
     assert registry_cli("gc", "--temp-grace", "-1").exit_code == 2
 
 
-REGISTRY_COMMANDS = ("push", "pull", "list", "show", "tag", "untag", "rm", "gc", "verify", "reindex")
+REGISTRY_COMMANDS = ("push", "pull", "list", "show", "tag", "untag", "rm", "gc", "verify", "reindex", "sync", "du",
+                     "remote")
 
 
 def test_registry_help_lines_are_complete():
@@ -269,7 +270,11 @@ def test_registry_help_lines_are_complete():
             if isinstance(param, click.Option) and param.name != "help":
                 assert param.help and param.help.rstrip().endswith((".", ")")), (name, param.name)
         page = CliRunner().invoke(cli, [name, "--help"], terminal_width=80).output
-        assert "..." not in page, name
+        assert "..." not in page.replace("COMMAND [ARGS]...", ""), name
+    for sub in cli.commands["remote"].commands.values():
+        for param in sub.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                assert param.help and param.help.rstrip().endswith((".", ")")), (sub.name, param.name)
 
 
 @pytest.fixture

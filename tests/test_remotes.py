@@ -330,3 +330,33 @@ def test_local_commands_never_import_boto3(tmp_path):
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore', 's3transfer')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_transfers_draw_a_progress_bar_on_a_terminal_and_nothing_when_piped(tmp_path):
+    import pty
+
+    Registry(tmp_path / "a").push(LLAMA_LORA, "x")
+    exe = Path(sys.executable).with_name("adapterhub")
+    for dst, tty in (("b", True), ("c", False)):
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([str(exe), "--registry", str(tmp_path / "a"), "sync", str(tmp_path / "a"),
+                                 str(tmp_path / dst)], stdout=subprocess.PIPE,
+                                stderr=slave if tty else subprocess.PIPE)
+        os.close(slave)
+        out, err = proc.communicate(timeout=60)
+        seen = b""
+        if tty:
+            while True:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+        os.close(master)
+        assert proc.returncode == 0 and b"copied x@1" in out
+        if tty:
+            assert b"syncing" in seen and b"100%" in seen, seen
+        else:
+            assert b"syncing" not in err and b"%" not in err, err

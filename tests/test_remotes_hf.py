@@ -144,3 +144,14 @@ def test_cli_push_to_hub_then_pull_round_trip(hub, tmp_path, monkeypatch):
     assert r.exit_code == 0 and "-> imported/sent@1" in r.output, r.output
     manifest = json.loads((tmp_path / "out").joinpath("adapter_config.json").read_text())
     assert manifest["peft_type"] == "LORA"
+
+
+def test_a_missing_hub_repo_is_a_clear_error(hub, tmp_path):
+    api, _ = hub
+    reg = Registry(tmp_path / "reg")
+    reg.push(LLAMA_LORA, "team/sent")
+    with pytest.raises(RemoteError) as e:
+        push_to_hub(reg, "team/sent@1", "hf://team/no-such-repo", api=api)
+    assert "fix: create the repo first" in str(e.value)
+    with pytest.raises(RemoteError) as e:
+        push_to_hub(reg, "team/sent@1", "hf://not a repo", api=api)

@@ -97,8 +97,9 @@ def open_store(loc: Location, **options: Any) -> Store:
     if loc.kind == "file":
         assert loc.path is not None
         return LocalStore(loc.path)
-    raise RemoteError(f"{loc.url} is a Hugging Face Hub repository, not a registry: use it with push --to or "
-                      "pull.", remote=loc.url)
+    raise RemoteError(f"{loc.url} is a Hugging Face Hub repository, not a registry: it holds one adapter.\n"
+                      "  fix: push the directory to the local registry first, then `adapterhub push REF --to "
+                      f"{loc.url}`; `adapterhub pull {loc.url}` imports from it.", remote=loc.url)
 
 
 # --- remotes.json -----------------------------------------------------------------------------------
@@ -283,6 +284,6 @@ def probe(store: Store, *, name: str | None = None, raise_unsafe: bool = True) -
             f"{store.location} does not honour conditional writes:\n{lines}\n"
             "  Two publishers of one name could then both create the same version number, and a tag could be "
             "moved over a change it never saw; adapterhub relies on these writes instead of a lock server.\n"
-            "  fix: use a server that implements them (AWS S3, SeaweedFS 4.18 or newer, MinIO, Cloudflare R2), "
+            "  fix: use a server that implements them (SeaweedFS 4.18 or newer; AWS S3 documents both since 2024), "
             "or share a directory (file:///shared/dir).", remote=name or store.location, failed=failed)
     return report

@@ -132,7 +132,10 @@ def push_to_hub(local: Registry, ref: str, url: str, *, api: Any = None, endpoin
     res = local.resolve(ref)
     manifest = local.manifest(res.ref)
     tag = f"v{res.version}"
-    existing = _tag_digest(api, loc.repo, tag)
+    try:
+        existing = _tag_digest(api, loc.repo, tag)
+    except Exception as e:
+        raise _hub_error(e, f"reading the refs of hf://{loc.repo}") from e
     if existing is not None:
         digest, commit = existing
         if digest == res.digest:
@@ -154,8 +157,8 @@ def push_to_hub(local: Registry, ref: str, url: str, *, api: Any = None, endpoin
         ours = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
         ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(out / rel)) for rel in ours]
         for attempt in range(1, MAX_COMMIT_RETRIES + 1):
-            head = _head(api, loc.repo, branch)
             try:
+                head = _head(api, loc.repo, branch)
                 info = api.create_commit(loc.repo, ops, commit_message=f"adapterhub: {res.ref} ({res.digest[:19]})",
                                          commit_description=f"manifest digest {res.digest}", revision=branch,
                                          parent_commit=head)
@@ -197,7 +200,12 @@ def _tag_digest(api: Any, repo: str, tag: str) -> tuple[str, str] | None:
     return None
 
 
-def _hub_error(e: Exception, what: str) -> RemoteError:
+def _hub_error(e: Exception, what: str) -> Exception:
+    """A :class:`RemoteError` saying what to check (adapterhub's own errors pass through unchanged)."""
+    from adapterhub.errors import AdapterHubError
+
+    if isinstance(e, AdapterHubError):
+        return e
     status = _status(e)
     if status in (401, 403):
         fix = "log in (`hf auth login`, or set HF_TOKEN) with a token that may write this repo"

@@ -96,6 +96,9 @@ def copy_versions(src: Registry, dst: Registry, versions: list[Resolved], *, ren
                   tags: bool = True, workers: int = WORKERS, progress: Progress | None = None) -> TransferReport:
     """Copy ``versions`` of ``src`` into ``dst`` (see the module's docstring).
 
+    ``progress(n)`` is called with the bytes moved (from several threads, serialised); when it has a
+    ``start(total)`` method, that is called first with the bytes of every file of the versions.
+
     Raises:
         VersionConflictError: a number holds other content at the destination (nothing of that version
             is referenced there; its blobs stay for the next run or gc).
@@ -107,6 +110,8 @@ def copy_versions(src: Registry, dst: Registry, versions: list[Resolved], *, ren
         dst.store.remove_dead_staging()  # what killed copies (and pushes) left in tmp/, as a push does
     report = TransferReport()
     lock = threading.Lock()
+    if progress is not None and hasattr(progress, "start"):  # a bar that learns its total now
+        progress.start(plan_size(src, versions))
 
     def tick(n: int) -> None:
         if progress:
