@@ -787,7 +787,7 @@ def remote_add(reg: _LazyRegistry, name: str, url: str, endpoint_url: str | None
     r = add_remote(reg.get(), name, url, endpoint_url=endpoint_url or reg.endpoint_url, replace=replace)
     checks = (r.probe or {}).get("checks", [])
     click.echo(f"added remote {r.name} -> {r.url}" + (f" (endpoint {r.endpoint_url})" if r.endpoint_url else "")
-               + (f": {len(checks)}/{len(checks)} conditional-write checks passed" if checks else ""))
+               + (f": {len(checks)}/{len(checks)} checks of conditional writes and checksums passed" if checks else ""))
 
 
 @remote.command(name="list", short_help="List the named remotes.")

@@ -62,7 +62,6 @@ from adapterhub.registry.refs import (
     parse_ref,
 )
 from adapterhub.registry.store import (
-    CHUNK,
     HashingReader,
     Leftover,
     LocalStore,
@@ -70,6 +69,7 @@ from adapterhub.registry.store import (
     corrupt,
     hash_file,
     os_errors,
+    prefetched,
 )
 
 FORMAT_NAME = "adapterhub-registry"
@@ -914,11 +914,11 @@ class Registry:
         reader = HashingReader(stream, progress)
         try:
             if dest is None:
-                while reader.read(CHUNK):
+                for _ in prefetched(reader):
                     pass
             else:
                 with open(dest, "wb") as out:
-                    while chunk := reader.read(CHUNK):
+                    for chunk in prefetched(reader):
                         out.write(chunk)
         finally:
             stream.close()

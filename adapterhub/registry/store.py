@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -159,6 +160,42 @@ class Leftover:
     size: int
     handle: object = None
     why: str = ""
+
+
+def prefetched(reader: BinaryIO, chunk: int = CHUNK, depth: int = 2) -> Iterator[bytes]:
+    """The chunks of a stream, read ahead by a second thread (a socket read overlaps the caller's hashing
+    and writing; both release the GIL). The reader thread stops when the caller does."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            while not stop.is_set():
+                data = reader.read(chunk)
+                while not stop.is_set():
+                    try:
+                        q.put(data, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if not data:
+                    return
+        except BaseException as e:  # handed to the caller, raised there
+            q.put(e)
+
+    t = threading.Thread(target=run, daemon=True, name="adapterhub-prefetch")
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            if not item:
+                return
+            yield item
+    finally:
+        stop.set()
+        t.join(timeout=5)
 
 
 def blob_key(digest: str) -> str:
@@ -495,7 +532,7 @@ class LocalStore:
             try:
                 src = HashingReader(reader, progress)
                 with os.fdopen(fd, "wb") as out:
-                    while chunk := src.read(CHUNK):
+                    for chunk in prefetched(src):
                         out.write(chunk)
                     out.flush()
                     if src.digest != digest:

@@ -18,6 +18,8 @@ Names given with ``adapterhub remote add NAME URL`` are kept in the local regist
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import re
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
-from adapterhub.errors import RemoteError, UnsafeRemoteError
+from adapterhub.errors import IntegrityError, RemoteError, UnsafeRemoteError
 from adapterhub.registry.store import LocalStore, Store, os_errors
 
 if TYPE_CHECKING:
@@ -249,7 +251,9 @@ def probe(store: Store, *, name: str | None = None, raise_unsafe: bool = True) -
 
     1. create-if-absent of a new key succeeds; 2. create-if-absent of that key again is refused and
     leaves it unchanged (``If-None-Match: *`` -> 412); 3. compare-and-swap with the current token
-    succeeds; 4. compare-and-swap with the now stale token is refused (``If-Match`` -> 412).
+    succeeds; 4. compare-and-swap with the now stale token is refused (``If-Match`` -> 412); 5. a blob
+    whose bytes do not hash to its name is refused and not stored (on S3: the server checks
+    ``x-amz-checksum-sha256``, which is how pushes are verified).
 
     Raises:
         UnsafeRemoteError: with ``raise_unsafe``, when any check fails (the message says which and why
@@ -274,14 +278,25 @@ def probe(store: Store, *, name: str | None = None, raise_unsafe: bool = True) -
         ok = not stale and after == "third\n"
         checks.append(("refuse to replace with a stale token (If-Match)", ok,
                        "refused, content kept" if ok else f"accepted: the key now holds {(after or '').strip()!r}"))
+        named = "sha256:" + hashlib.sha256(f"adapterhub probe {key}".encode()).hexdigest()
+        try:
+            store.put_blob(named, 5, io.BytesIO(b"wrong"))
+            refused = False
+        except IntegrityError:
+            refused = True
+        kept_out = refused and not store.has_blob(named)
+        checks.append(("refuse a blob whose bytes do not hash to its name (x-amz-checksum-sha256)", kept_out,
+                       "refused, nothing stored" if kept_out else "accepted: the wrong bytes were stored"))
     finally:
         store.delete_doc(key)
+        if "named" in locals():
+            store.delete_blob(named)
     report = ProbeReport(store.location, tuple(checks))
     if raise_unsafe and not report.ok:
         failed = tuple(c for c, ok, _ in checks if not ok)
         lines = "\n".join(f"  - {c}: {saw}" for c, ok, saw in checks if not ok)
         raise UnsafeRemoteError(
-            f"{store.location} does not honour conditional writes:\n{lines}\n"
+            f"{store.location} does not honour the writes a registry relies on:\n{lines}\n"
             "  Two publishers of one name could then both create the same version number, and a tag could be "
             "moved over a change it never saw; adapterhub relies on these writes instead of a lock server.\n"
             "  fix: use a server that implements them (SeaweedFS 4.18 or newer; AWS S3 documents both since 2024), "

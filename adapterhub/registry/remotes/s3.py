@@ -239,15 +239,17 @@ class S3Store:
         (by the server for a single PUT, before completion for a multipart upload) and nothing is stored."""
         key = blob_key(digest)
         if size <= self.multipart_threshold:
-            data = _read_exact(reader, size + 1)
-            verify_bytes(data, digest, f"the bytes sent for {self.describe(digest)}")
-            self._put_small(key, digest, data)
+            # a local file is streamed as the body (seekable: botocore rewinds it to retry); the server
+            # computes the body's sha256 and refuses it unless it is `digest` (probed at `remote add`)
+            seekable = hasattr(reader, "fileno") and getattr(reader, "seekable", lambda: False)()
+            body = reader if seekable else _read_exact(reader, size + 1)
+            self._put_small(key, digest, body, size)
             if progress:
-                progress(len(data))
+                progress(size)
             return
         self._put_multipart(key, digest, reader, progress)
 
-    def _put_small(self, key: str, digest: str, data: bytes) -> None:
+    def _put_small(self, key: str, digest: str, data: bytes | BinaryIO, size: int | None = None) -> None:
         checksum = base64.b64encode(bytes.fromhex(digest.removeprefix("sha256:"))).decode()
         with self._errors(f"uploading {key}"):
             try:
@@ -263,7 +265,7 @@ class S3Store:
                 raise
             finally:
                 self.traffic.add(requests=1)
-        self.traffic.add(sent=len(data))
+        self.traffic.add(sent=len(data) if isinstance(data, bytes) else int(size or 0))
 
     def _pending_upload(self, key: str) -> tuple[str | None, dict[int, tuple[int, str]]]:
         """The newest pending multipart upload of ``key`` and its parts {number: (size, ETag)}."""

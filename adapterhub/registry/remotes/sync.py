@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -97,7 +97,9 @@ def copy_versions(src: Registry, dst: Registry, versions: list[Resolved], *, ren
     """Copy ``versions`` of ``src`` into ``dst`` (see the module's docstring).
 
     ``progress(n)`` is called with the bytes moved (from several threads, serialised); when it has a
-    ``start(total)`` method, that is called first with the bytes of every file of the versions.
+    ``start(total)`` method, that is called first with the bytes of every file of the versions. A blob
+    several versions need is sent once (the others wait for it). Copying many versions to a remote
+    lists its refs and blobs (per ``blobs/sha256/XX/`` prefix) instead of asking for each one.
 
     Raises:
         VersionConflictError: a number holds other content at the destination (nothing of that version
@@ -108,29 +110,25 @@ def copy_versions(src: Registry, dst: Registry, versions: list[Resolved], *, ren
     dst._require_writable("copy versions into it")
     if isinstance(dst.store, LocalStore):
         dst.store.remove_dead_staging()  # what killed copies (and pushes) left in tmp/, as a push does
-    report = TransferReport()
-    lock = threading.Lock()
     if progress is not None and hasattr(progress, "start"):  # a bar that learns its total now
         progress.start(plan_size(src, versions))
-
-    def tick(n: int) -> None:
-        if progress:
-            with lock:
-                progress(n)
-
     names = sorted({r.name for r in versions})
     with dst._gc_shared(), ThreadPoolExecutor(workers) as blob_pool, ThreadPoolExecutor(workers) as version_pool:
+        copy = _Copy(src, dst, blob_pool, progress, renumber, listing=not dst.store.local and len(versions) > 32)
         if dst.store.local:
             index = dst.index  # sqlite: marked from this thread only
             for name in names:
                 index.mark_dirty(name)
         done: dict[str, list[tuple[Resolved, Resolved]]] = {n: [] for n in names}
-        jobs = [version_pool.submit(_copy_one, src, dst, r, blob_pool, report, tick, renumber) for r in versions]
+        jobs = [version_pool.submit(copy.one, r) for r in versions]
         try:
             for r, job in zip(versions, jobs, strict=True):
                 result = job.result()
                 if result is not None:
                     done[r.name].append((r, result))
+            for name in names:
+                if tags and done[name]:
+                    copy.tags(name, done[name])
         finally:
             for job in jobs:
                 job.cancel()
@@ -139,51 +137,150 @@ def copy_versions(src: Registry, dst: Registry, versions: list[Resolved], *, ren
                     with dst._name_lock(name):
                         dst._refresh(name)
             dst._indexed.difference_update(names)
-        for name in names:
-            if tags and done[name]:
-                _copy_tags(src, dst, name, done[name], report)
-        if dst.store.local:
-            for name in names:
-                with dst._name_lock(name):
-                    dst._refresh(name)
-    return report
+    return copy.report
 
 
-def _copy_one(src: Registry, dst: Registry, r: Resolved, pool: ThreadPoolExecutor, report: TransferReport,
-              tick: Progress, renumber: bool) -> Resolved | None:
-    """Copy one version; returns where it lives at the destination (None: skipped as damaged)."""
-    try:
-        manifest = src._manifest(r.digest, r.ref)
-    except IntegrityError as e:
-        with report._lock:
-            report.skipped.append(f"{r.ref}: {str(e).splitlines()[0]}")
-        return None
-    key = dst._key(r.name, "versions", r.version)
-    existing = (dst.store.read_doc(key) or "").strip()
-    if existing == r.digest:
-        with report._lock:
-            report.present.append(r.ref)
-        tick(int(manifest.get("size") or 0))
-        return r
-    if existing and not renumber:
-        raise _conflict(src, dst, r, existing)
-    _send_blobs(src, dst, r, manifest, pool, report, tick)
-    if existing:  # renumber: the same files under the destination's next free number
-        return _publish_renumbered(dst, r, manifest)
-    with dst._name_lock(r.name):
-        created = dst.store.create_doc(key, r.digest + "\n")
-    if created:
-        with report._lock:
-            report.copied.append(f"{r.ref} -> {dst.location}")
-        return r
-    theirs = (dst.store.read_doc(key) or "").strip()
-    if theirs == r.digest:  # created meanwhile with the same bytes (a retry, a concurrent copy): success
-        with report._lock:
-            report.present.append(r.ref)
-        return r
-    if renumber:
-        return _publish_renumbered(dst, r, manifest)
-    raise _conflict(src, dst, r, theirs)
+class _Copy:
+    """The state one copy shares between its threads: what the destination holds, blobs in flight."""
+
+    def __init__(self, src: Registry, dst: Registry, pool: ThreadPoolExecutor, progress: Progress | None,
+                 renumber: bool, listing: bool) -> None:
+        self.src, self.dst, self.pool, self.renumber = src, dst, pool, renumber
+        self.report = TransferReport()
+        self.progress = progress
+        self.lock = threading.Lock()
+        self.inflight: dict[str, Future] = {}
+        self.prefixes: dict[str, Future] = {}  # blobs/sha256/XX/ -> future of the set of digests there
+        self.listing = listing
+        # every ref of the destination, listed once (many versions to a remote); None: ask per version
+        self.refs: set[str] | None = set(dst.store.walk_docs("refs")) if listing else None
+
+    def tick(self, n: int) -> None:
+        if self.progress and n:
+            with self.lock:
+                self.progress(n)
+
+    def read_ref(self, key: str) -> str:
+        if self.refs is not None and key not in self.refs:
+            return ""
+        return (self.dst.store.read_doc(key) or "").strip()
+
+    def has_blob(self, digest: str) -> bool:
+        if not self.listing:
+            return self.dst.store.has_blob(digest)
+        fan = digest.removeprefix("sha256:")[:2]
+        with self.lock:
+            fut = self.prefixes.get(fan)
+            if fut is None:
+                fut = self.prefixes[fan] = Future()
+                mine = True
+            else:
+                mine = False
+        if mine:
+            try:
+                keys = self.dst.store.walk_docs(f"blobs/sha256/{fan}")
+                fut.set_result({"sha256:" + fan + k.rsplit("/", 1)[-1] for k in keys})
+            except BaseException as e:
+                fut.set_exception(e)
+        return digest in fut.result()
+
+    def one(self, r: Resolved) -> Resolved | None:
+        """Copy one version; returns where it lives at the destination (None: skipped as damaged)."""
+        src, dst, report = self.src, self.dst, self.report
+        try:
+            manifest = src._manifest(r.digest, r.ref)
+        except IntegrityError as e:
+            with report._lock:
+                report.skipped.append(f"{r.ref}: {str(e).splitlines()[0]}")
+            return None
+        key = dst._key(r.name, "versions", r.version)
+        existing = self.read_ref(key)
+        if existing == r.digest:
+            with report._lock:
+                report.present.append(r.ref)
+            self.tick(int(manifest.get("size") or 0))
+            return r
+        if existing and not self.renumber:
+            raise _conflict(src, dst, r, existing)
+        self.send_blobs(r, manifest)
+        if existing:  # renumber: the same files under the destination's next free number
+            return _publish_renumbered(dst, r, manifest)
+        with dst._name_lock(r.name):
+            created = dst.store.create_doc(key, r.digest + "\n")
+        if created:
+            with report._lock:
+                report.copied.append(f"{r.ref} -> {dst.location}")
+            return r
+        theirs = (dst.store.read_doc(key) or "").strip()
+        if theirs == r.digest:  # created meanwhile with the same bytes (a retry, a concurrent copy): success
+            with report._lock:
+                report.present.append(r.ref)
+            return r
+        if self.renumber:
+            return _publish_renumbered(dst, r, manifest)
+        raise _conflict(src, dst, r, theirs)
+
+    def send_blobs(self, r: Resolved, manifest: dict[str, Any]) -> None:
+        """Send the file blobs, then the manifest blob, that the destination lacks; each blob is sent by
+        one thread however many versions need it."""
+        wanted: dict[str, int] = {"sha256:" + f["sha256"]: int(f["size"]) for f in manifest["files"]}
+        waits = []
+        for digest, size in wanted.items():
+            with self.lock:
+                fut = self.inflight.get(digest)
+                if fut is None:
+                    fut = self.inflight[digest] = self.pool.submit(self.send_one, r, digest, size, True)
+            waits.append(fut)
+        for fut in waits:
+            fut.result()
+        # the manifest last: a destination holding it never lacks a file it names
+        self.send_one(r, r.digest, len(canonical_json(manifest)), False)
+
+    def send_one(self, r: Resolved, digest: str, size: int, counted: bool) -> None:
+        if self.has_blob(digest):
+            self.report._count(False, size)
+            self.tick(size if counted else 0)
+            return
+        try:
+            stream = self.src.store.open_blob(digest)
+        except NotFoundError as e:
+            raise IntegrityError(f"blob {digest} of '{r.ref}' is missing from {self.src.location}.\n"
+                                 f"  file: {self.src.store.describe(digest)}\n  fix: re-push the adapter there; "
+                                 "`adapterhub verify` lists every damaged version.", expected=digest) from e
+        try:
+            self.dst.store.put_blob(digest, size, stream, self.tick if counted else None)
+        finally:
+            stream.close()
+        self.report._count(True, size)
+
+    def tags(self, name: str, done: list[tuple[Resolved, Resolved]]) -> None:
+        """Point the destination's tags where the source's point (for copied versions), then advance newest."""
+        src, dst = self.src, self.dst
+        where = {s.version: d.version for s, d in done}
+        here = {d.version for _, d in done}
+        with dst._name_lock(name):
+            for tag, version in sorted(src._explicit_tags(name).items()):
+                if version in where:
+                    dst._set_doc(dst._key(name, "tags", tag), where[version] + "\n")
+                    with self.report._lock:
+                        self.report.tags.append(f"{name}@{tag} -> {where[version]}")
+            newest_src = src._newest(name)
+            candidates = [d.version for s, d in done if s.version == newest_src] or [d.version for _, d in done]
+            best = max(candidates, key=_version_key)
+            key = dst._key(name, "newest")
+            if dst.store.create_doc(key, best + "\n"):  # a name new there: one request
+                return
+
+            def exists(v: str) -> bool:
+                return v in here or bool(dst.store.read_doc(dst._key(name, "versions", v)))
+
+            def advance(old: str | None) -> str | None:
+                cur = (old or "").strip()
+                if is_integer_version(cur) and is_integer_version(best) and int(cur) >= int(best) and exists(cur):
+                    return None
+                return best + "\n"
+
+            dst._swap(key, advance)
 
 
 def _conflict(src: Registry, dst: Registry, r: Resolved, theirs: str) -> VersionConflictError:
@@ -194,36 +291,6 @@ def _conflict(src: Registry, dst: Registry, r: Resolved, theirs: str) -> Version
         f"  fix: publish it under {dst.location}'s next free number instead with --renumber "
         f"(e.g. `adapterhub push {r.ref} --to DST --renumber`), or compare the two with `adapterhub show`.",
         ref=r.ref, ours=r.digest, theirs=theirs)
-
-
-def _send_blobs(src: Registry, dst: Registry, r: Resolved, manifest: dict[str, Any], pool: ThreadPoolExecutor,
-                report: TransferReport, tick: Progress) -> None:
-    """Send the manifest and file blobs ``dst`` lacks, several at once, each hashed on arrival."""
-    wanted: dict[str, int] = {"sha256:" + f["sha256"]: int(f["size"]) for f in manifest["files"]}
-    wanted[r.digest] = len(canonical_json(manifest))
-
-    def one(digest: str, size: int) -> None:
-        if dst.store.has_blob(digest):
-            report._count(False, size)
-            tick(size if digest != r.digest else 0)
-            return
-        try:
-            stream = src.store.open_blob(digest)
-        except NotFoundError as e:
-            raise IntegrityError(f"blob {digest} of '{r.ref}' is missing from {src.location}.\n"
-                                 f"  file: {src.store.describe(digest)}\n  fix: re-push the adapter there; "
-                                 "`adapterhub verify` lists every damaged version.", expected=digest) from e
-        try:
-            dst.store.put_blob(digest, size, stream, tick if digest != r.digest else None)
-        finally:
-            stream.close()
-        report._count(True, size)
-
-    # the manifest last: a destination holding it never lacks a file it names
-    files = [pool.submit(one, d, s) for d, s in wanted.items() if d != r.digest]
-    for f in files:
-        f.result()
-    one(r.digest, wanted[r.digest])
 
 
 def _publish_renumbered(dst: Registry, r: Resolved, manifest: dict[str, Any]) -> Resolved:
@@ -238,30 +305,6 @@ def _publish_renumbered(dst: Registry, r: Resolved, manifest: dict[str, Any]) ->
                 return Resolved(r.name, version, digest)
     raise VersionConflictError(f"{r.name}: lost the race for a version number {MAX_NUMBER_RACES} times; retry.",
                                ref=r.ref)
-
-
-def _copy_tags(src: Registry, dst: Registry, name: str, done: list[tuple[Resolved, Resolved]],
-               report: TransferReport) -> None:
-    """Point the destination's tags where the source's point (for copied versions), then advance newest."""
-    where = {s.version: d.version for s, d in done}
-    dst_versions = dst._versions(name)
-    with dst._name_lock(name):
-        for tag, version in sorted(src._explicit_tags(name).items()):
-            if version in where and where[version] in dst_versions:
-                dst._set_doc(dst._key(name, "tags", tag), where[version] + "\n")
-                with report._lock:
-                    report.tags.append(f"{name}@{tag} -> {where[version]}")
-        newest_src = src._newest(name)
-        candidates = [d.version for s, d in done if s.version == newest_src] or [d.version for _, d in done]
-        best = max(candidates, key=_version_key)
-
-        def advance(old: str | None) -> str | None:
-            cur = (old or "").strip()
-            if cur in dst_versions and is_integer_version(cur) and is_integer_version(best) and int(cur) >= int(best):
-                return None
-            return best + "\n"
-
-        dst._swap(dst._key(name, "newest"), advance)
 
 
 def resolve_at(src: Registry, ref: str) -> Resolved:
