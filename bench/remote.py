@@ -235,13 +235,16 @@ def bench_interrupted(table: Table, server: Seaweed, work: Path, src: Path) -> N
                   f"{len(pending)} pending upload(s)")
         return
     before = pending[0].size
+    small = sum(f["size"] for f in local.manifest("bench/big@1")["files"]) - size
     copy_versions(local, remote, [local.resolve("bench/big@1")])
     t = remote.store.traffic
-    resent = t.sent - (size - t.reused)
-    table.add("re-run after kill -9 at ~40% of a push", f"re-sent {human(max(resent, 0))}",
-              f"{human(before)} in {before // part} parts on the server before the re-run, {human(t.reused)} reused, "
-              f"{human(t.sent)} sent of {human(size)} (part {human(part)}); the killed run reported {human(sent)} "
-              "done: the part in flight at the kill was lost with it")
+    big_sent = t.sent - small - local.store.blob_size(local.resolve("bench/big@1").digest)
+    resent = big_sent - (size - before)  # bytes of parts the server had completed, sent again
+    table.add("re-run after kill -9 at ~40% of a push", f"{max(resent, 0) // part} part(s) re-sent",
+              f"{human(before)} in {before // part} complete parts on the server before the re-run, "
+              f"{human(t.reused)} reused, {human(big_sent)} of the {human(size)} weights sent again (part "
+              f"{human(part)}); the part in flight at the kill ({human(sent)} reported done by then) was lost "
+              "with it and sent once more")
 
 
 def main() -> int:

@@ -50,7 +50,7 @@ MiB = 1024 * 1024
 #: blobs above this size go in multipart uploads (resumable)
 MULTIPART_THRESHOLD = 64 * MiB
 #: size of one multipart part (S3's minimum is 5 MiB; at most 10,000 parts)
-PART_SIZE = 16 * MiB
+PART_SIZE = 32 * MiB
 
 
 @dataclass
