@@ -146,7 +146,9 @@ def push_to_hub(local: Registry, ref: str, url: str, *, api: Any = None, endpoin
             ref=res.ref, ours=res.digest, theirs=digest)
     with tempfile.TemporaryDirectory(prefix="adapterhub-hf-") as tmp:
         out = Path(tmp) / "adapter"
-        local.pull(res.ref, out, format="auto")
+        kind, layout = manifest["kind"], (manifest.get("spec") or {}).get("layout", "peft")
+        peft = kind in ("lora", "ia3") or (kind == "prefix" and layout == "peft")
+        local.pull(res.ref, out, format="peft" if peft else None)
         readme = None
         for p in sorted(out.iterdir()):
             if p.name.lower() in ("readme", "readme.md", "readme.txt", "readme.rst"):
