@@ -1253,7 +1253,15 @@ def test_a_push_killed_mid_write_leaves_staging_the_next_push_removes(tmp_path, 
         assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
         token = f"w{proc.pid}-"
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not any(n.startswith(token) for n in os.listdir(root / "tmp")):
+
+        def writing(token: str = token) -> bool:  # a staging file with bytes in it (mkstemp makes it empty first)
+            for n in os.listdir(root / "tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    if n.startswith(token) and (root / "tmp" / n).stat().st_size > 0:
+                        return True
+            return False
+
+        while time.monotonic() < deadline and not writing():
             pass
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -390,3 +390,25 @@ def test_many_versions_sharing_files_send_exactly_the_unique_bytes_once(seaweed,
     assert len(again.present) == 40 and again.blobs_sent == 0
     assert {v.ref: v.digest for v in fresh.list()} == {r.ref: r.digest for r in versions}
     assert fresh.verify().ok
+
+
+def test_bad_remote_arguments_are_refused_clearly_and_create_nothing(seaweed, s3_url, tmp_path, monkeypatch):
+    reg = tmp_path / "reg"
+    assert run("push", LLAMA_LORA, "a", registry=reg).exit_code == 0
+    for args, says in [(("remote", "add", "BAD", s3_url), "invalid remote name 'BAD'"),
+                       (("remote", "add", "x", "ftp://b/p"), "unknown remote scheme"),
+                       (("remote", "add", "x", "s3://B_/p"), "invalid S3 URL"),
+                       (("remote", "remove", "zzz"), "no remote named 'zzz'"),
+                       (("push", "a@1", "--to", "nowhere"), "'nowhere' is neither a configured remote nor"),
+                       (("pull", "a@1", "--from", str(tmp_path / "nope")), "there is no adapterhub registry at"),
+                       (("sync", str(tmp_path / "nope"), str(tmp_path / "b")), "there is no adapterhub registry at")]:
+        r = run(*args, registry=reg)
+        assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output, (args, r.output)
+    assert not (tmp_path / "nope").exists() and not (tmp_path / "b").exists(), "a missing source is not created"
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    r = run("remote", "add", "x", s3_url, "--endpoint-url", seaweed.endpoint_url, registry=reg)
+    assert r.exit_code == 1 and "Unable to locate credentials" in r.output
+    assert "fix: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in r.output and "writing locks/probe/" in r.output

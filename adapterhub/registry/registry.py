@@ -706,9 +706,10 @@ class Registry:
         given = version
         with self._name_lock(name):
             for _ in range(MAX_NUMBER_RACES):
-                index = self._index_for([name])
+                index = self.index
                 if not self.store.local:  # other publishers may have pushed since we last looked
                     self._refresh(name)
+                    self._indexed.add(name)
                 versions = self._versions(name)
                 explicit_tags = self._explicit_tags(name)
                 if given is not None and given in versions:

@@ -18,6 +18,7 @@ Names given with ``adapterhub remote add NAME URL`` are kept in the local regist
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -217,15 +218,23 @@ def resolve_location(where: str, local: Registry | None, endpoint_url: str | Non
     return parse_location(where, endpoint_url)
 
 
-def open_registry(where: str | Location, local: Registry | None = None, endpoint_url: str | None = None,
-                  **options: Any) -> Registry:
-    """The registry a remote's name, a URL or a path names."""
+def open_registry(where: str | Location, local: Registry | None = None, endpoint_url: str | None = None, *,
+                  create: bool = True, **options: Any) -> Registry:
+    """The registry a remote's name, a URL or a path names (created there if absent, unless ``create`` is
+    False: a source of a copy must exist).
+
+    Raises:
+        RemoteError: a bad name or URL, or (``create=False``) no registry there.
+    """
     from adapterhub.registry.registry import Registry
 
     loc = where if isinstance(where, Location) else resolve_location(where, local, endpoint_url)
-    if loc.kind == "file":
-        return Registry(loc.path)
-    return Registry(open_store(loc, **options))
+    store = LocalStore(loc.path) if loc.kind == "file" else open_store(loc, **options)
+    if not create and store.read_doc("registry.json") is None:
+        raise RemoteError(f"there is no adapterhub registry at {loc.url if loc.kind != 'file' else loc.path}.\n"
+                          "  fix: check the name, URL or path (`adapterhub remote list` shows the named remotes).",
+                          remote=str(where))
+    return Registry(loc.path) if loc.kind == "file" else Registry(store)
 
 
 # --- the probe --------------------------------------------------------------------------------------
@@ -287,10 +296,12 @@ def probe(store: Store, *, name: str | None = None, raise_unsafe: bool = True) -
         kept_out = refused and not store.has_blob(named)
         checks.append(("refuse a blob whose bytes do not hash to its name (x-amz-checksum-sha256)", kept_out,
                        "refused, nothing stored" if kept_out else "accepted: the wrong bytes were stored"))
-    finally:
-        store.delete_doc(key)
-        if "named" in locals():
-            store.delete_blob(named)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first failure is the one to report
+            store.delete_doc(key)
+        raise
+    store.delete_doc(key)
+    store.delete_blob(named)
     report = ProbeReport(store.location, tuple(checks))
     if raise_unsafe and not report.ok:
         failed = tuple(c for c, ok, _ in checks if not ok)

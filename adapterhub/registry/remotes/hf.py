@@ -216,8 +216,9 @@ def _hub_error(e: Exception, what: str) -> Exception:
     elif status == 412:
         fix = f"the branch kept moving under {MAX_COMMIT_RETRIES} attempts; retry"
     else:
-        fix = "check the network and the Hub's status; re-running the push is safe"
-    return RemoteError(f"{what} failed: {e}.\n  fix: {fix}.")
+        fix = "check the network and the Hub's status; running the command again is safe"
+    first = str(e).strip().splitlines()[0].rstrip(". ") if str(e).strip() else type(e).__name__
+    return RemoteError(f"{what} failed: {first}.\n  fix: {fix}.")
 
 
 def pull_from_hub(local: Registry, url: str, *, name: str | None = None, endpoint: str | None = None,

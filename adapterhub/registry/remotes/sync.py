@@ -331,7 +331,7 @@ def pull_ref(local: Registry, ref: str, src: str, *, endpoint_url: str | None = 
     lives locally (its number, unless ``renumber`` had to publish it under the next free one)."""
     from adapterhub.registry.remotes import open_registry
 
-    remote = open_registry(src, local, endpoint_url, **store_options)
+    remote = open_registry(src, local, endpoint_url, create=False, **store_options)
     res = remote.resolve(ref)
     report = copy_versions(remote, local, [res], renumber=renumber, progress=progress)
     if report.skipped:
@@ -352,7 +352,7 @@ def sync(local: Registry | None, src: str, dst: str, pattern: str | None = None,
     """``adapterhub sync SRC DST [PATTERN]``: copy every version of the names matching ``pattern``."""
     from adapterhub.registry.remotes import open_registry
 
-    a = open_registry(src, local, endpoint_url, **store_options)
+    a = open_registry(src, local, endpoint_url, create=False, **store_options)
     b = open_registry(dst, local, endpoint_url, **store_options)
     versions = select_versions(a, pattern)
     return copy_versions(a, b, versions, renumber=renumber, progress=progress), a, b
