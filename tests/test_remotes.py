@@ -412,3 +412,22 @@ def test_bad_remote_arguments_are_refused_clearly_and_create_nothing(seaweed, s3
     r = run("remote", "add", "x", s3_url, "--endpoint-url", seaweed.endpoint_url, registry=reg)
     assert r.exit_code == 1 and "Unable to locate credentials" in r.output
     assert "fix: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in r.output and "writing locks/probe/" in r.output
+
+
+def test_a_url_opens_a_remote_registry_for_the_library_too(seaweed, s3_url, tmp_path, monkeypatch):
+    import torch
+
+    import adapterhub
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", seaweed.endpoint_url)
+    remote = Registry(s3_url)
+    assert remote.store.location == s3_url and not remote.store.local
+    remote.push(LLAMA_LORA, "team/sent")
+    local = Registry(tmp_path / "l")
+    local.push(LLAMA_LORA, "team/sent")
+    a, b = adapterhub.load("team/sent@1", registry=s3_url), local.load("team/sent@1")
+    assert a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors.keys())
+    monkeypatch.setenv("ADAPTERHUB_REGISTRY", s3_url)
+    assert Registry().resolve("team/sent").digest == remote.resolve("team/sent").digest
+    assert not Path("s3:").exists(), "a URL never becomes a local directory"

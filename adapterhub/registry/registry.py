@@ -231,12 +231,20 @@ class Registry:
         >>> adapter = reg.load("team/sentiment")                     # doctest: +SKIP
 
     Safe for concurrent use by many processes on one machine (POSIX file locks). Any
-    :class:`~adapterhub.registry.store.Store` can hold a registry: ``Registry(store)`` (an S3 bucket,
-    :mod:`adapterhub.registry.remotes`); there, concurrent writers rely on conditional writes alone
-    (a version ref is created only if absent, tags move by compare-and-swap).
+    :class:`~adapterhub.registry.store.Store` can hold a registry: ``Registry(store)``, or a URL,
+    ``Registry("s3://BUCKET/PREFIX")`` (endpoint from ``AWS_ENDPOINT_URL``; :mod:`adapterhub.registry.remotes`);
+    there, concurrent writers rely on conditional writes alone (a version ref is created only if
+    absent, tags move by compare-and-swap).
     """
 
     def __init__(self, path: str | Path | Store | None = None) -> None:
+        if path is None and "://" in os.environ.get(ENV_VAR, ""):
+            path = os.environ[ENV_VAR]
+        if isinstance(path, str) and "://" in path:  # a URL: s3://BUCKET/PREFIX, file:///DIR
+            from adapterhub.registry.remotes import open_store, parse_location
+
+            loc = parse_location(path)
+            path = loc.path if loc.kind == "file" else open_store(loc)
         if path is None or isinstance(path, str | os.PathLike):
             self.root: Path | None = (Path(path).expanduser() if path is not None else default_path()).absolute()
             self.store: Store = LocalStore(self.root)
