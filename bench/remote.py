@@ -240,11 +240,11 @@ def bench_interrupted(table: Table, server: Seaweed, work: Path, src: Path) -> N
     t = remote.store.traffic
     big_sent = t.sent - small - local.store.blob_size(local.resolve("bench/big@1").digest)
     resent = big_sent - (size - before)  # bytes of parts the server had completed, sent again
-    table.add("re-run after kill -9 at ~40% of a push", f"{max(resent, 0) // part} part(s) re-sent",
-              f"{human(before)} in {before // part} complete parts on the server before the re-run, "
-              f"{human(t.reused)} reused, {human(big_sent)} of the {human(size)} weights sent again (part "
-              f"{human(part)}); the part in flight at the kill ({human(sent)} reported done by then) was lost "
-              "with it and sent once more")
+    table.add("re-run after kill -9 at ~40% of a push", f"{max(resent, 0) // part} complete part(s) re-sent",
+              f"{human(before)} in {before // part} complete parts on the server before the re-run, all "
+              f"{human(t.reused)} reused; the re-run sent {human(big_sent)} of the {human(size)} weights (exactly "
+              f"what the server lacked, part {human(part)}); the killed run had reported {human(sent)} done: the "
+              "one part in flight at the kill was lost with it")
 
 
 def main() -> int:

@@ -431,3 +431,24 @@ def test_a_url_opens_a_remote_registry_for_the_library_too(seaweed, s3_url, tmp_
     monkeypatch.setenv("ADAPTERHUB_REGISTRY", s3_url)
     assert Registry().resolve("team/sent").digest == remote.resolve("team/sent").digest
     assert not Path("s3:").exists(), "a URL never becomes a local directory"
+
+
+def test_a_damaged_local_blob_is_never_sent_as_good(seaweed, s3_url, tmp_path, big_adapter):
+    """A blob whose stat stamp changed is hashed while it is sent: the upload is aborted, not completed;
+    a small one is refused by the server's sha256 check."""
+    local = Registry(tmp_path / "a")
+    local.push(big_adapter, "big")
+    local.push(LLAMA_LORA, "small")
+    remote = open_registry(s3_url, endpoint_url=seaweed.endpoint_url, part_size=PART, multipart_threshold=PART)
+    for ref, rel in (("big@1", "adapter_model.safetensors"), ("small@1", "adapter.safetensors")):
+        f = next(f for f in local.manifest(ref)["files"] if f["path"] == rel)
+        digest = "sha256:" + f["sha256"]
+        path = local.store.blob_path(digest)
+        os.chmod(path, 0o644)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 3] ^= 0x01
+        path.write_bytes(bytes(data))
+        with pytest.raises(IntegrityError):
+            copy_versions(local, remote, [local.resolve(ref)])
+        assert not remote.store.has_blob(digest) and remote.names() == []
+        assert remote.store.leftovers(0) == [], "the multipart upload was aborted"

@@ -125,7 +125,8 @@ class Store(Protocol):
     def blob_size(self, digest: str) -> int | None: ...
     def put_file(self, src: Path, progress: Progress | None = None, *,
                  trusted: Callable[[str], bool] | None = None) -> Put: ...
-    def put_blob(self, digest: str, size: int, reader: BinaryIO, progress: Progress | None = None) -> None: ...
+    def put_blob(self, digest: str, size: int, reader: BinaryIO, progress: Progress | None = None, *,
+                 verified: bool = False) -> None: ...
     def put_bytes(self, data: bytes) -> str: ...
     def get_raw(self, digest: str) -> bytes | None: ...
     def get_bytes(self, digest: str) -> bytes: ...
@@ -524,9 +525,11 @@ class LocalStore:
                 raise
         return digest
 
-    def put_blob(self, digest: str, size: int, reader: BinaryIO, progress: Progress | None = None) -> None:
+    def put_blob(self, digest: str, size: int, reader: BinaryIO, progress: Progress | None = None, *,
+                 verified: bool = False) -> None:
         """Store the bytes read from ``reader`` as blob ``digest``, hashing them on arrival: bytes that do
-        not hash to ``digest`` raise :class:`IntegrityError` and store nothing."""
+        not hash to ``digest`` raise :class:`IntegrityError` and store nothing. (``verified``, the sender's
+        word that the bytes were hashed, changes nothing here: what arrives is always hashed.)"""
         with os_errors(f"storing blob {digest}"):
             fd, tmp = self._temp()
             try:

@@ -105,8 +105,10 @@ class S3Store:
         self.part_size = max(5 * MiB, part_size)
         self.multipart_threshold = max(self.part_size, multipart_threshold)
         self.traffic = Traffic()
+        # downloads are hashed end to end (sha256 of what arrives), so botocore's CRC32 of responses is
+        # not needed; uploads keep it (a multipart part's transport checksum, checked by the server)
         config = Config(max_pool_connections=max_connections, retries={"max_attempts": 5, "mode": "standard"},
-                        connect_timeout=10, read_timeout=120,
+                        connect_timeout=10, read_timeout=120, response_checksum_validation="when_required",
                         s3={"addressing_style": "path"} if endpoint_url else {})
         region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region,
@@ -234,9 +236,14 @@ class S3Store:
             self._put_small(blob_key(digest), digest, data)
         return digest
 
-    def put_blob(self, digest: str, size: int, reader: BinaryIO, progress: Progress | None = None) -> None:
+    def put_blob(self, digest: str, size: int, reader: BinaryIO, progress: Progress | None = None, *,
+                 verified: bool = False) -> None:
         """Send the bytes read from ``reader`` as blob ``digest``; bytes that do not hash to it are refused
-        (by the server for a single PUT, before completion for a multipart upload) and nothing is stored."""
+        (by the server for a single PUT, before completion for a multipart upload) and nothing is stored.
+
+        ``verified``: the caller knows the bytes hash to ``digest`` (a local blob whose stat stamp is
+        unchanged since it was hashed), so a multipart upload skips hashing them again; each part still
+        carries a CRC32 the server checks."""
         key = blob_key(digest)
         if size <= self.multipart_threshold:
             # a local file is streamed as the body (seekable: botocore rewinds it to retry); the server
@@ -247,7 +254,7 @@ class S3Store:
             if progress:
                 progress(size)
             return
-        self._put_multipart(key, digest, reader, progress)
+        self._put_multipart(key, digest, reader, progress, verified)
 
     def _put_small(self, key: str, digest: str, data: bytes | BinaryIO, size: int | None = None) -> None:
         checksum = base64.b64encode(bytes.fromhex(digest.removeprefix("sha256:"))).decode()
@@ -289,7 +296,8 @@ class S3Store:
                 raise
         return upload["UploadId"], parts
 
-    def _put_multipart(self, key: str, digest: str, reader: BinaryIO, progress: Progress | None) -> None:
+    def _put_multipart(self, key: str, digest: str, reader: BinaryIO, progress: Progress | None,
+                       verified: bool = False) -> None:
         full = self._k(key)
         upload_id, have = self._pending_upload(key)
         with self._errors(f"uploading {key}"):
@@ -303,7 +311,8 @@ class S3Store:
                 inflight: Future | None = None
                 while chunk := _read_exact(reader, self.part_size):
                     number += 1
-                    h.update(chunk)
+                    if not verified:
+                        h.update(chunk)
                     old = have.get(number)
                     if old is not None and old[0] == len(chunk) and old[1].strip('"') == hashlib.md5(
                             chunk, usedforsecurity=False).hexdigest():
@@ -317,7 +326,7 @@ class S3Store:
                     inflight = pool.submit(self._upload_part, full, upload_id, number, chunk, progress)
                 if inflight is not None:
                     parts.append(inflight.result())
-            actual = f"sha256:{h.hexdigest()}"
+            actual = digest if verified else f"sha256:{h.hexdigest()}"
             if actual != digest:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
                 raise corrupt(digest, actual, f"the bytes sent for {self.describe(digest)}")

@@ -115,6 +115,7 @@ def copy_versions(src: Registry, dst: Registry, versions: list[Resolved], *, ren
     names = sorted({r.name for r in versions})
     with dst._gc_shared(), ThreadPoolExecutor(workers) as blob_pool, ThreadPoolExecutor(workers) as version_pool:
         copy = _Copy(src, dst, blob_pool, progress, renumber, listing=not dst.store.local and len(versions) > 32)
+        copy.trust(versions)
         if dst.store.local:
             index = dst.index  # sqlite: marked from this thread only
             for name in names:
@@ -154,6 +155,18 @@ class _Copy:
         self.listing = listing
         # every ref of the destination, listed once (many versions to a remote); None: ask per version
         self.refs: set[str] | None = set(dst.store.walk_docs("refs")) if listing else None
+        self.trusted: set[str] = set()  # source blobs whose stat stamp shows them hashed and unchanged since
+
+    def trust(self, versions: list[Resolved]) -> None:
+        """Find the source blobs a local registry vouches for (checked here: its index is single-threaded)."""
+        if not isinstance(self.src.store, LocalStore) or self.dst.store.local:
+            return  # a remote source is never trusted; a local destination hashes what arrives anyway
+        for r in versions:
+            try:
+                files = self.src._manifest(r.digest, r.ref)["files"]
+            except IntegrityError:
+                continue
+            self.trusted.update(d for d in ("sha256:" + f["sha256"] for f in files) if self.src._blob_trusted(d))
 
     def tick(self, n: int) -> None:
         if self.progress and n:
@@ -248,7 +261,8 @@ class _Copy:
                                  f"  file: {self.src.store.describe(digest)}\n  fix: re-push the adapter there; "
                                  "`adapterhub verify` lists every damaged version.", expected=digest) from e
         try:
-            self.dst.store.put_blob(digest, size, stream, self.tick if counted else None)
+            self.dst.store.put_blob(digest, size, stream, self.tick if counted else None,
+                                    verified=digest in self.trusted)
         finally:
             stream.close()
         self.report._count(True, size)
