@@ -23,6 +23,15 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "adapterhub-test", "AWS_SECRET_ACCESS_KEY": 
                "AWS_REGION": "us-east-1"}
 
 
+def _die_with_parent() -> None:
+    """In the server's process, before exec: get SIGKILL when the test process dies, however it dies (so a
+    killed pytest never leaves a server behind)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def weed_binary() -> str | None:
     beside = Path(sys.executable).with_name("weed")
     return str(beside) if beside.is_file() else shutil.which("weed")
@@ -75,7 +84,7 @@ class Seaweed:
                f"-s3.port.grpc={sg}"]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_parent)
         try:
             wait_http(self.endpoint_url + "/", self.proc, 60, self.log)
             self._wait_bucket_api()
@@ -142,7 +151,7 @@ class Rclone:
             self.proc = subprocess.Popen([binary, "serve", "s3", str(self.data_dir / "data"), "--addr",
                                           f"127.0.0.1:{port}", "--auth-key", key, "--config", "/dev/null"],
                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_parent)
         try:
             wait_http(self.endpoint_url + "/", self.proc, 30, self.log)
         except BaseException:
