@@ -452,3 +452,22 @@ def test_a_damaged_local_blob_is_never_sent_as_good(seaweed, s3_url, tmp_path, b
             copy_versions(local, remote, [local.resolve(ref)])
         assert not remote.store.has_blob(digest) and remote.names() == []
         assert remote.store.leftovers(0) == [], "the multipart upload was aborted"
+
+
+def test_every_registry_command_works_on_a_bucket_given_by_url(seaweed, s3_url, tmp_path):
+    ep = seaweed.endpoint_url
+    base = ["--registry", s3_url, "--endpoint-url", ep]
+    assert CliRunner().invoke(cli, [*base, "push", str(LLAMA_LORA), "team/sent", "--tag", "prod"]).exit_code == 0
+    listed = CliRunner().invoke(cli, [*base, "list", "--json"])
+    assert [r["ref"] for r in json.loads(listed.output)] == ["team/sent@1"]
+    shown = CliRunner().invoke(cli, [*base, "show", "team/sent@prod"])
+    assert shown.exit_code == 0 and "team/sent@1" in shown.output
+    assert CliRunner().invoke(cli, [*base, "pull", "team/sent", "-o", str(tmp_path / "out")]).exit_code == 0
+    verified = CliRunner().invoke(cli, [*base, "verify"])
+    assert verified.exit_code == 0 and f"{s3_url}: ok (1 versions" in verified.output
+    gc = CliRunner().invoke(cli, [*base, "gc", "--dry-run", "--grace", "0"])
+    assert gc.exit_code == 0 and gc.output.startswith("would remove 0 blob(s)")
+    du = json.loads(CliRunner().invoke(cli, [*base, "du", "--json"]).output)
+    assert du["versions"] == 1 and du["location"] == s3_url
+    linked = CliRunner().invoke(cli, [*base, "pull", "team/sent", "--link", "-o", str(tmp_path / "l")])
+    assert linked.exit_code == 1 and "--link needs a registry on this machine" in linked.output
