@@ -13,7 +13,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from adapterhub.adapter import Adapter, BaseModelRef, BottleneckSpec, LoraSpec, PrefixSpec, Tensors, check_number
+from adapterhub.adapter import (
+    Adapter,
+    BaseModelRef,
+    BottleneckSpec,
+    LoraSpec,
+    PrefixSpec,
+    Tensors,
+    check_layout,
+    check_number,
+)
 from adapterhub.errors import CorruptFileError, InvalidValueError, UnsupportedAdapterError
 from adapterhub.formats._files import atomic_directory, dump_json, load_weights, read_json
 from adapterhub.tensorfile import save_tensors
@@ -92,8 +101,9 @@ def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
         e.args = (with_fix(f"{path / CONFIG_NAME}: {e}"),)
         e.path = path / CONFIG_NAME
         raise
-    return Adapter(kind=kind, spec=spec, tensors=view, base=base, name=name,
-                   extra={"adapters": doc}, source=path)
+    adapter = Adapter(kind=kind, spec=spec, tensors=view, base=base, name=name, extra={"adapters": doc}, source=path)
+    check_layout(adapter)
+    return adapter
 
 
 def _to_canonical(key: str, name: str | None) -> str | None:
