@@ -272,6 +272,8 @@ def export_sources(sources: Sequence[str], base: str | Path, out: str | Path, *,
         if seed is not None:
             options["seed"] = seed
     paths = [Path(s).expanduser() for s in specs if looks_like_path(s)]
+    for path in [p for p in paths if p.is_file()]:  # a recipe: the directories it blends are sources too
+        paths += [Path(s["path"]) for s in Recipe.load(path).sources if "path" in s]
     with ExitStack() as stack:
         stack.enter_context(reading(base, role="the base model this command reads"))
         stack.enter_context(reading(*paths))

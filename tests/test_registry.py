@@ -31,6 +31,7 @@ from adapterhub.errors import (
     IntegrityError,
     InvalidReferenceError,
     NotFoundError,
+    OutputPathError,
     PickleRefusedError,
     RegistryError,
     StorageError,
@@ -459,7 +460,7 @@ def test_pull_detects_a_corrupt_blob_and_writes_nothing(mode, tmp_path):
     out = out_parent / "out"
     if mode == "overwrite":
         out.mkdir()
-        (out / "old.txt").write_text("previous pull")
+        (out / "adapter_config.json").write_text("previous pull")
     with pytest.raises(IntegrityError) as e:
         if mode == "copy":
             reg.pull("x", out)
@@ -474,7 +475,8 @@ def test_pull_detects_a_corrupt_blob_and_writes_nothing(mode, tmp_path):
     msg = str(err)
     assert str(blob) in msg and expected in msg and actual in msg
     if mode == "overwrite":
-        assert dir_hashes(out) == {"old.txt": sha256_file(out / "old.txt")}, "the previous content must survive"
+        previous = {"adapter_config.json": sha256_file(out / "adapter_config.json")}
+        assert dir_hashes(out) == previous, "the previous content must survive"
         assert [p.name for p in out_parent.iterdir()] == ["out"]
     else:
         assert not out.exists()
@@ -492,9 +494,12 @@ def test_pull_refuses_non_empty_directory_unless_overwrite(tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(AdapterHubError):
         reg.pull("x", out)
+    with pytest.raises(OutputPathError, match="holds no adapter or model"):  # not something a pull wrote
+        reg.pull("x", out, overwrite=True)
     assert dir_hashes(out) == {"keep.txt": sha256_file(out / "keep.txt")}
-    reg.pull("x", out, overwrite=True)
-    assert dir_hashes(out) == want
+    reg.pull("x", tmp_path / "earlier")
+    reg.pull("x", tmp_path / "earlier", overwrite=True)  # an earlier pull is replaced
+    assert dir_hashes(tmp_path / "earlier") == want
     empty = tmp_path / "empty"
     empty.mkdir()
     reg.pull("x", empty)
@@ -1312,6 +1317,22 @@ def _training_output(tmp_path: Path) -> Path:
     (d / ".git").mkdir()
     (d / ".git" / "HEAD").write_text("ref\n")
     return d
+
+
+def test_push_leaves_out_broken_links_instead_of_blaming_the_registry(tmp_path):
+    """A README linking to a missing file, and a link loop, failed the push with "storing ... failed: No such file or
+    directory / Too many levels of symbolic links. fix: check ... the registry directory" (attack pass)."""
+    from adapterhub.registry.contents import LeftOut
+
+    src = tmp_path / "a"
+    shutil.copytree(MINILM_LORA, src)
+    (src / "README.md").symlink_to(src / "CARD.md")  # inside the folder, but not there
+    (src / "loop1").symlink_to(src / "loop2")
+    (src / "loop2").symlink_to(src / "loop1")
+    res = Registry(tmp_path / "reg").push(src, "x", include_all=True)
+    assert [f["path"] for f in res.manifest["files"]] == ["adapter.safetensors", "adapter_config.json"]
+    assert res.left_out == (LeftOut("README.md", "broken symbolic link"), LeftOut("loop1", "broken symbolic link"),
+                            LeftOut("loop2", "broken symbolic link"))
 
 
 def test_push_stores_only_the_adapter_and_lists_what_it_left_out(tmp_path):

@@ -31,7 +31,7 @@ from adapterhub.errors import (
     UnsafeLinkError,
     storage_error,
 )
-from adapterhub.paths import check_output, dir_mode, shown
+from adapterhub.paths import check_output, check_replaceable, dir_mode, shown
 from adapterhub.tensorfile import TensorInfo, read_header
 
 if TYPE_CHECKING:
@@ -213,13 +213,15 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 def check_directory_target(target: str | Path, *, overwrite: bool = False) -> Path:
     """What :func:`atomic_directory` checks before it creates anything (call it early to fail before
     long work): the output-path guard (:func:`adapterhub.paths.check_output`), and an existing
-    non-empty ``target`` only with ``overwrite``.
+    non-empty ``target`` only with ``overwrite`` and only if adapterhub could have written it
+    (:func:`adapterhub.paths.check_replaceable`: an adapter or model directory, or a link).
 
     Raises:
-        OutputPathError: the guard refused the path, or it is a file.
+        OutputPathError: the guard refused the path, it is a file, or it is a directory ``overwrite``
+            may not replace (no adapter or model in it, a git work tree, a system folder).
         FormatError: it exists and is not empty, and ``overwrite`` is false.
     """
-    target = check_output(target, replace=overwrite)
+    target = check_output(target)
     try:
         if target.exists() and not target.is_dir():
             raise OutputPathError(f"{shown(target)} is a file, not a directory; adapterhub writes a directory there.\n"
@@ -231,6 +233,8 @@ def check_directory_target(target: str | Path, *, overwrite: bool = False) -> Pa
         raise FormatError(
             f"{target} already exists and is not empty.\n  fix: choose a new directory, or pass "
             "overwrite=True (CLI: --force) to replace it.", path=target)
+    if occupied:  # only a directory adapterhub could have written, and never one holding a registry
+        check_replaceable(target)
     return target
 
 

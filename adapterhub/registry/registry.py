@@ -1050,11 +1050,12 @@ class Registry:
         hashed (at push or by ``verify``), so it is O(1) in the file size; ``verify`` re-hashes all.
         """
         from adapterhub.formats import write_adapter
-        from adapterhub.formats._files import atomic_directory
+        from adapterhub.formats._files import atomic_directory, check_directory_target
 
         res = self.resolve(ref)
         manifest = self._manifest(res.digest, res.ref)
         out = Path(out)
+        check_directory_target(out, overwrite=overwrite)  # a refused output costs nothing (no snapshot, no load)
         if format is not None:
             format = self.pull_format(res.ref, format).format
         if format is not None and format != manifest["format"]:
