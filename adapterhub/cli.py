@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -85,6 +86,9 @@ def render_error(exc: BaseException) -> tuple[int, str]:
         code, fix = OS_ERRORS.get(exc.errno or 0, (EXIT_FAILED, "check the path and the file system"))
         where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
         return code, f"error: {exc.strerror or exc}{': ' + where if where else ''}.\n  fix: {fix}."
+    if isinstance(exc, sqlite3.Error):  # the registry's search index (derived data) could not be used
+        return EXIT_FAILED, (f"error: the registry's search index failed: {exc}.\n  fix: if the disk is full, free "
+                             "space and retry; otherwise `adapterhub reindex` rebuilds the index from the manifests.")
     if isinstance(exc, ValueError) and "null byte" in str(exc):  # Python refuses NUL in any path it is given
         return EXIT_USAGE, "error: a path or name contains a NUL byte.\n  fix: remove it."
     if isinstance(exc, MemoryError):

@@ -1041,6 +1041,63 @@ def test_full_disk_is_a_clear_storage_error_and_leaves_no_version(big_adapter, t
     reg.close()
 
 
+def test_a_full_disk_under_the_index_is_one_clear_message(tiny_disk, monkeypatch):
+    """With the registry's disk full, sqlite's "disk I/O error" escaped as an internal error from list, tag, rm
+    and verify (attack pass)."""
+    from click.testing import CliRunner
+
+    from adapterhub.cli import cli
+
+    root = tiny_disk / "reg"
+    reg = Registry(root)
+    reg.push(LLAMA_LORA, "x")
+    reg.close()  # its WAL files go: the next open must write them
+    with open(tiny_disk / "filler", "wb") as f:  # fill the disk
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+    for args in (["list"], ["tag", "x@1", "t"], ["rm", "x@1"], ["verify"]):
+        r = CliRunner(env={"ADAPTERHUB_REGISTRY": str(root)}).invoke(cli, args)
+        assert r.exit_code == 1 and "internal error" not in r.output, (args, r.output)
+        assert r.output.startswith("error: ") and "\n  fix: " in r.output, (args, r.output)
+    (tiny_disk / "filler").unlink()
+    assert Registry(root).verify().ok
+
+
+@pytest.mark.parametrize("damage", ["random-bytes", "bad-header", "dropped-table", "empty-file"])
+def test_a_damaged_index_is_rebuilt_not_fatal(damage, tmp_path):
+    """The index is derived data (FORMAT.md: it may be deleted at any time). A damaged file made every command,
+    `reindex` included, an internal error (DatabaseError: file is not a database); a table dropped from it made
+    `list` print nothing with exit 0."""
+    import sqlite3
+
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.push(LLAMA_LORA, "x")
+    reg.push(MINILM_LORA, "y")
+    reg.close()
+    index = root / "index.sqlite"
+    for extra in ("-wal", "-shm"):
+        Path(f"{index}{extra}").unlink(missing_ok=True)
+    if damage == "random-bytes":
+        index.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(5000)))
+    elif damage == "bad-header":
+        index.write_bytes(b"SQLite format 3\0" + b"garbage" * 100)
+    elif damage == "empty-file":
+        index.write_bytes(b"")
+    else:
+        db = sqlite3.connect(index)
+        db.execute("DROP TABLE versions")
+        db.commit()
+        db.close()
+    reg = Registry(root)
+    assert [i.ref for i in reg.list()] == ["x@1", "y@1"]
+    assert reg.verify().ok
+    reg.reindex()
+    reg.close()
+
+
 # --- 10. load ------------------------------------------------------------------------------------
 
 
@@ -1624,4 +1681,9 @@ def test_a_read_only_registry_can_be_read_and_refuses_writes_clearly(index, tmp_
                 "(--registry PATH or $ADAPTERHUB_REGISTRY), or ask its owner to make it writable; reading (list, "
                 "show, verify, pull) works as is.")
         assert ro.gc(dry_run=True).blobs == []
+        if IS_ROOT:  # a read-only bind mount is another mount: a hard link cannot leave it (attack pass)
+            with pytest.raises(StorageError) as e:
+                ro.pull("team/a", tmp_path / "linked", link=True)
+            assert "Invalid cross-device link" in str(e.value) and "pull without --link" in str(e.value)
+            assert not (tmp_path / "linked").exists()
         assert tree(root) == before, "reading a read-only registry changed it"
