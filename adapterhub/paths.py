@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import contextvars
 import os
+import re
+import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -153,7 +156,8 @@ def pending_text_file(path: str | Path, *, what: str = "file", overwrite: bool =
         StorageError: the file system refused the file (read-only, full, permissions).
     """
     path = check_new_file(path, what=what, overwrite=overwrite)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_dead_leftovers(path.parent)
+    tmp = path.with_name(f".{path.name}.{writer_tag()}.tmp")
     with _storage(f"writing the {what} {path}", path.parent):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
 
@@ -248,6 +252,59 @@ def _replaceable_file(path: Path) -> bool:
         return False
 
 
+def writer_tag() -> str:
+    """What names this process's temporary files beside an output: ``adapterhub-<pid>@<host>``."""
+    return f"adapterhub-{os.getpid()}@{_host()}"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:old-)?adapterhub-(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]+)"
+                       r"(?:\.[A-Za-z0-9_]+)?\.tmp$")
+
+
+def remove_dead_leftovers(folder: str | Path) -> list[Path]:
+    """Remove what killed adapterhub processes left in ``folder`` beside their outputs: temporary output
+    directories and files (``.<name>.adapterhub-<pid>@<host>.<random>.tmp``) and replaced outputs not yet
+    deleted (``.<name>.old-adapterhub-<pid>@<host>.tmp``, only when ``<name>`` exists again), of processes of
+    this host that are gone. Entries of running processes and of other hosts are never touched.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    host = _host()
+    for entry in entries:
+        m = _LEFTOVER.match(entry.name)
+        if m is None or m.group("host") != host or _alive(int(m.group("pid"))):
+            continue
+        path = Path(entry.path)
+        if ".old-adapterhub-" in entry.name and not os.path.lexists(path.with_name(m.group("name"))):
+            continue  # the previous output, and no new one in its place (killed between the two renames): keep it
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def probe_directory(target: str | Path) -> None:
     """Fail now, not after long work, if a directory cannot be created where ``target`` will be: a
     temporary folder is made and removed in the nearest existing folder above it.
@@ -258,7 +315,7 @@ def probe_directory(target: str | Path) -> None:
     target = _absolute(target)
     where = next((a for a in target.parents if a.is_dir()), Path("/"))
     with _storage(f"creating {target}", where):
-        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".probe", dir=where))
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.{writer_tag()}.", suffix=".tmp", dir=where))
 
 
 @contextmanager
