@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
+import re
 import sqlite3
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -63,6 +65,10 @@ OS_ERRORS: dict[int, tuple[int, str]] = {
 }
 
 
+#: the longest word (a path, a name) an error message shows whole
+LONG_WORD = 240
+
+
 def _debug() -> bool:
     return os.environ.get("ADAPTERHUB_DEBUG", "") not in ("", "0")
 
@@ -100,6 +106,15 @@ def render_error(exc: BaseException) -> tuple[int, str]:
                          "report it.")
 
 
+_LONG_WORD = re.compile(rf"\S{{{LONG_WORD + 1},}}")
+
+
+def cut_long_words(message: str) -> str:
+    """``message`` with every run of more than ``LONG_WORD`` non-blank characters (a 5,000-character path or
+    name a user typed, echoed back) cut to its start and end, so an error stays a few readable lines."""
+    return _LONG_WORD.sub(lambda m: f"{m[0][:100]}...({len(m[0])} characters)...{m[0][-60:]}", message)
+
+
 class AdapterHubGroup(click.Group):
     """The command group, with the one catch around every command (see :func:`render_error`)."""
 
@@ -112,7 +127,9 @@ class AdapterHubGroup(click.Group):
         except SystemExit:
             raise
         except click.ClickException as e:
-            e.show()
+            shown = io.StringIO()
+            e.show(file=shown)
+            click.echo(cut_long_words(shown.getvalue()), err=True, nl=False)
             sys.exit(e.exit_code)
         except BrokenPipeError:  # e.g. `adapterhub list | head -1`: stop quietly (Python's documented recipe)
             with contextlib.suppress(OSError, ValueError):
@@ -124,7 +141,7 @@ class AdapterHubGroup(click.Group):
             code, message = render_error(e)
             if isinstance(e, click.Abort) and code != EXIT_INTERRUPTED:
                 message = "Aborted!"
-            click.echo(message, err=True)
+            click.echo(cut_long_words(message), err=True)
             sys.exit(code)
         sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 

@@ -183,9 +183,11 @@ def blend_sources(sources: Sequence[str] = (), weights: Sequence[float] | None =
     from adapterhub.formats._files import check_directory_target
 
     if (recipe is None) == (not sources):
-        raise BlendError("give sources or a recipe (exactly one of them).")
+        raise BlendError("give sources or a recipe (exactly one of them).\n  fix: pass sources=[...] or recipe=PATH, "
+                         "not both.")
     if output is None and push is None:
-        raise BlendError("a blend needs somewhere to go: an output directory or a registry name to push to.")
+        raise BlendError("a blend needs somewhere to go: an output directory or a registry name to push to.\n"
+                         "  fix: pass output=DIR or push=NAME (CLI: -o DIR or --push NAME).")
     if recipe is None:
         weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
         if len(weights) != len(sources):

@@ -1490,7 +1490,8 @@ def test_unique_digest_prefixes_resolve_and_ambiguous_ones_are_refused(tmp_path)
     with pytest.raises(InvalidReferenceError) as e:
         reg.resolve(f"x@{v1.digest[:14]}")
     assert str(e.value) == (f"invalid digest in 'x@{v1.digest[:14]}': expected sha256: and 8 to 64 lower-case hex "
-                            "digits (a unique prefix of at least 8 digits is enough).")
+                            "digits.\n  fix: copy it from `adapterhub list x --json` (a unique prefix of at least 8 "
+                            "digits is enough).")
     with pytest.raises(NotFoundError):
         reg.resolve("x@sha256:00000000")
     # two versions whose digests share 8 digits (written by hand: finding real ones takes ~2^16 pushes)

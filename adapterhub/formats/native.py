@@ -68,7 +68,8 @@ def read(path: str | Path) -> Adapter:
         e.path = path / CONFIG_NAME
         raise
     except (KeyError, TypeError, ValueError) as e:
-        raise CorruptFileError(f"{path / CONFIG_NAME}: invalid document ({e}).", path=path) from e
+        raise CorruptFileError(f"{path / CONFIG_NAME}: invalid document ({e}).\n  fix: restore the directory from "
+                               "where it was written (pull it again, or rerun the blend).", path=path) from e
     entries, _ = load_weights(path, WEIGHTS_NAME, (), allow_pickle=False)
     adapter = Adapter(kind=kind, spec=spec, tensors=Tensors(entries), base=base, name=doc.get("name"),
                       extra=doc.get("extra") or {}, source=path)

@@ -64,7 +64,8 @@ def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
             f"save_pretrained, or rename each weight to '{PREFIX}<name>'.", path=path)
     tensors = {_to_canonical(kind, k): v for k, v in entries.items()}
     if len(tensors) != len(entries):
-        raise CorruptFileError(f"{path / WEIGHTS_NAME}: two tensor names map to the same module.", path=path)
+        raise CorruptFileError(f"{path / WEIGHTS_NAME}: two tensor names map to the same module.\n  fix: save the "
+                               "adapter again with PEFT's save_pretrained.", path=path)
     shapes = {n: tuple(v.shape) for n, v in tensors.items()}
     try:
         found = peft_config.interpret(str(peft_type), config, shapes, lambda n: split_name(kind, n))
@@ -158,12 +159,13 @@ def config_for(adapter: Adapter) -> dict[str, Any]:
     """The PEFT ``adapter_config.json`` content for an adapter (its original one updated from the spec)."""
     if adapter.kind == "bottleneck":
         raise UnsupportedAdapterError(
-            "PEFT has no bottleneck adapters; write this adapter in the `adapters` library format instead "
-            "(format='adapters').")
+            "PEFT has no bottleneck adapters.\n  fix: write this adapter in the `adapters` library format instead "
+            "(--format adapters).")
     if adapter.kind == "prefix" and adapter.spec.layout != "peft":
         raise UnsupportedAdapterError(
             f"this prefix-tuning adapter is stored in the `adapters` library's '{adapter.spec.layout}' layout; "
-            "convert it with adapterhub.formats.adapters_lib.prefix_to_peft() (CLI: pass --base) first.")
+            "PEFT cannot read that layout.\n  fix: convert it with adapterhub.formats.adapters_lib.prefix_to_peft() "
+            "first (CLI: pass --base).")
     config = dict(adapter.extra.get("peft") or {})
     peft_type = {v: k for k, v in PEFT_TYPES.items()}[adapter.kind]
     if config.get("peft_type") != peft_type:

@@ -139,7 +139,8 @@ def select_files(directory: str | Path, fmt: str, *, include: tuple[str, ...] | 
         confined(root / rel, root)
         files.append(rel)
     if not files:
-        raise RegistryError(f"{root} has no files to push.")
+        raise RegistryError(f"{root} has no files to push.\n  fix: pass the adapter's directory (the one holding "
+                            "adapter_config.json).")
     return Selection(tuple(sorted(files)), tuple(_fold_dirs(left, files)))
 
 
