@@ -83,4 +83,5 @@ def resolve_adapter(leaf: Any, *, registry: Any = None, allow_pickle: bool = Fal
     from adapterhub.errors import CompositionError
 
     raise CompositionError(f"a composition leaf must be an Adapter, an adapter directory or a registry reference, "
-                           f"not {type(leaf).__name__}.")
+                           f"not {type(leaf).__name__}.\n  fix: pass adapterhub.open(PATH), a directory path or "
+                           "NAME@VERSION.")

@@ -41,8 +41,9 @@ def loads(data: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     """``json.loads`` that refuses documents nested deeper than ``max_depth``.
 
     Raises:
-        ValueError: invalid JSON (``json.JSONDecodeError``), or nesting deeper than ``max_depth``
-            (the message says so); callers turn both into their own error naming the file.
+        ValueError: invalid JSON (``json.JSONDecodeError``, also for an integer of more than 4300 digits),
+            or nesting deeper than ``max_depth`` (the message says so); callers turn both into their own
+            error naming the file.
     """
     if depth_exceeds(data, max_depth):
         raise ValueError(f"nested deeper than {max_depth} levels")
@@ -50,3 +51,7 @@ def loads(data: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
         return json.loads(data)
     except RecursionError:  # unbalanced text the check leaves to the parser, e.g. 5,000 '[' and no ']'
         raise ValueError(f"nested deeper than {max_depth} levels") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as e:  # an integer of more digits than Python converts (int_max_str_digits, 4300)
+        raise json.JSONDecodeError(str(e).split(";")[0], "", 0) from None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -38,6 +39,7 @@ KINDS: tuple[str, ...] = ("lora", "ia3", "bottleneck", "prefix")
 
 LORA_PARAMS = ("lora_A", "lora_B", "lora_B.bias", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
 IA3_PARAMS = ("ia3_l",)
+_FLOAT_MAX = int(sys.float_info.max)
 
 
 def check_number(where: str, value: Any, *, integer: bool = False, minimum: float | None = None) -> float | int:
@@ -56,6 +58,9 @@ def check_number(where: str, value: Any, *, integer: bool = False, minimum: floa
     if isinstance(value, float) and not math.isfinite(value):
         raise NonFiniteError(f"{where} is {value!r}; it must be a finite number.\n  fix: write the value the adapter "
                              "was trained with in its config.", where=where, counts={where: 1})
+    if isinstance(value, int) and abs(value) > _FLOAT_MAX:  # 10**400: every use as a float would overflow
+        raise InvalidValueError(f"{where} is a {len(str(abs(value)))}-digit number, too large to compute with.\n"
+                                "  fix: write the value the adapter was trained with in its config.", where=where)
     if integer and not isinstance(value, int):  # 4.0 too: PEFT fails on a float rank
         raise InvalidValueError(f"{where} must be an integer, not {value!r}.\n  fix: write {where} as an "
                                 "integer in the adapter's config.", where=where)
@@ -358,6 +363,72 @@ class Adapter:
         from dataclasses import replace
 
         return replace(self, **changes)
+
+
+#: parameter role -> the numbers of dimensions its tensor may have (Conv2d LoRA factors are 4-d)
+_NDIM = {"lora_A": (2, 4), "lora_B": (2, 4), "lora_embedding_A": (2,), "lora_embedding_B": (2,), "lora_B.bias": (1,),
+         "lora_magnitude_vector": (1,), "ia3_l": (2,)}
+#: the ``adapters`` library's prefix MLP: tensor -> its shape in terms of (tokens, input, hidden, width)
+_PREFIX_MLP = {"control_trans.0.weight": ("hidden", "input"), "control_trans.2.weight": ("width", "hidden"),
+               "wte.weight": ("tokens", "input"), "control_trans.0.bias": ("hidden",),
+               "control_trans.2.bias": ("width",)}
+
+
+def check_layout(adapter: Adapter) -> None:
+    """Refuse tensors that cannot be what their role says (a 0-d ``lora_A``, factors of two ranks, a prefix
+    MLP whose layers do not chain): a damaged or hand-made weights file, caught before anything indexes it.
+
+    Raises:
+        CorruptFileError: names the tensor, its shape and what it must be.
+    """
+    from adapterhub.errors import CorruptFileError
+
+    t = adapter.tensors
+    where = adapter.source if adapter.source is not None else "the adapter"
+
+    def refuse(name: str, what: str) -> None:
+        raise CorruptFileError(
+            f"{where}: tensor '{name}' has shape {list(t.shape(name))}; {what}.\n  fix: the weights file is damaged "
+            "or was edited by hand; re-export the adapter from its training run.", path=adapter.source)
+
+    if adapter.kind in ("lora", "ia3"):
+        for m in adapter.modules():
+            roles = adapter.module_tensors(m)
+            for role, name in roles.items():
+                shape = t.shape(name)
+                if len(shape) not in _NDIM[role] or 0 in shape:
+                    dims = " or ".join(f"{n}-d" for n in _NDIM[role])
+                    refuse(name, f"{role} must be a non-empty {dims} tensor")
+                if role == "ia3_l" and 1 not in shape:
+                    refuse(name, "an IA3 vector must be (out x 1) or (1 x in)")
+            for a, b in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
+                if (a in roles) != (b in roles):
+                    have, miss = (a, b) if a in roles else (b, a)
+                    raise CorruptFileError(f"{where}: module '{m}' has {have} but no {miss}.\n  fix: the weights file "
+                                           "is incomplete; re-export the adapter.", path=adapter.source)
+                if a in roles and b in roles and t.shape(roles[a])[0] != t.shape(roles[b])[1]:
+                    refuse(roles[b], f"its rank (dimension 1) must equal that of {a} ({t.shape(roles[a])[0]})")
+    elif adapter.kind == "prefix":
+        spec = adapter.spec
+        if spec.layout == "peft" and "prompt_embeddings" in t and len(t.shape("prompt_embeddings")) != 2:
+            refuse("prompt_embeddings", "prefix values must be (virtual tokens x width)")
+        if spec.layout == "adapters_flat":
+            for name in (n for n in t if n.endswith(".control_trans")):
+                if t.numel(name) == 0 or t.numel(name) % spec.num_virtual_tokens:
+                    refuse(name, f"it must hold prefix_length ({spec.num_virtual_tokens}) x width values")
+        if spec.layout == "adapters_mlp":
+            sizes: dict[str, int] = {"tokens": spec.num_virtual_tokens}
+            for role, dims in _PREFIX_MLP.items():
+                name = next((n for n in t if n.endswith(f".{role}")), None)
+                if name is None:
+                    raise CorruptFileError(f"{where}: the prefix MLP has no {role} tensor.\n  fix: the weights file is "
+                                           "incomplete; re-export the adapter.", path=adapter.source)
+                shape = t.shape(name)
+                fits = len(shape) == len(dims) and all(
+                    sizes.setdefault(d, n) == n for d, n in zip(dims, shape, strict=False))
+                if not fits:
+                    want = " x ".join(f"{d} ({sizes[d]})" if d in sizes else d for d in dims)
+                    refuse(name, f"the prefix MLP layers do not chain: it must be {want}")
 
 
 def summarize(adapter: Adapter, *, scan_values: bool = False) -> dict[str, Any]:

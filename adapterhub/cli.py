@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
+import re
+import sqlite3
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -62,6 +65,10 @@ OS_ERRORS: dict[int, tuple[int, str]] = {
 }
 
 
+#: the longest word (a path, a name) an error message shows whole
+LONG_WORD = 240
+
+
 def _debug() -> bool:
     return os.environ.get("ADAPTERHUB_DEBUG", "") not in ("", "0")
 
@@ -85,6 +92,9 @@ def render_error(exc: BaseException) -> tuple[int, str]:
         code, fix = OS_ERRORS.get(exc.errno or 0, (EXIT_FAILED, "check the path and the file system"))
         where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
         return code, f"error: {exc.strerror or exc}{': ' + where if where else ''}.\n  fix: {fix}."
+    if isinstance(exc, sqlite3.Error):  # the registry's search index (derived data) could not be used
+        return EXIT_FAILED, (f"error: the registry's search index failed: {exc}.\n  fix: if the disk is full, free "
+                             "space and retry; otherwise `adapterhub reindex` rebuilds the index from the manifests.")
     if isinstance(exc, ValueError) and "null byte" in str(exc):  # Python refuses NUL in any path it is given
         return EXIT_USAGE, "error: a path or name contains a NUL byte.\n  fix: remove it."
     if isinstance(exc, MemoryError):
@@ -94,6 +104,15 @@ def render_error(exc: BaseException) -> tuple[int, str]:
     return EXIT_FAILED, (f"error: internal error ({type(exc).__name__}{': ' + detail if detail else ''}).\n"
                          "  fix: this is a bug in adapterhub; rerun with ADAPTERHUB_DEBUG=1 for the traceback and "
                          "report it.")
+
+
+_LONG_WORD = re.compile(rf"\S{{{LONG_WORD + 1},}}")
+
+
+def cut_long_words(message: str) -> str:
+    """``message`` with every run of more than ``LONG_WORD`` non-blank characters (a 5,000-character path or
+    name a user typed, echoed back) cut to its start and end, so an error stays a few readable lines."""
+    return _LONG_WORD.sub(lambda m: f"{m[0][:100]}...({len(m[0])} characters)...{m[0][-60:]}", message)
 
 
 class AdapterHubGroup(click.Group):
@@ -108,7 +127,9 @@ class AdapterHubGroup(click.Group):
         except SystemExit:
             raise
         except click.ClickException as e:
-            e.show()
+            shown = io.StringIO()
+            e.show(file=shown)
+            click.echo(cut_long_words(shown.getvalue()), err=True, nl=False)
             sys.exit(e.exit_code)
         except BrokenPipeError:  # e.g. `adapterhub list | head -1`: stop quietly (Python's documented recipe)
             with contextlib.suppress(OSError, ValueError):
@@ -120,7 +141,7 @@ class AdapterHubGroup(click.Group):
             code, message = render_error(e)
             if isinstance(e, click.Abort) and code != EXIT_INTERRUPTED:
                 message = "Aborted!"
-            click.echo(message, err=True)
+            click.echo(cut_long_words(message), err=True)
             sys.exit(code)
         sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 

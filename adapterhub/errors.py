@@ -177,6 +177,9 @@ def storage_error(e: OSError, what: str, where: str = "the registry directory") 
         hint = f"check that {where} exists and accepts new files (/proc and /sys do not); write somewhere else"
     elif e.errno in (errno.EACCES, errno.EPERM):
         hint = f"permission denied; check that you may write to {where}"
+    elif e.errno == errno.EXDEV:
+        hint = ("hard links cannot cross file systems (or bind mounts): write the output on the registry's file "
+                "system, or copy instead (pull without --link)")
     else:
         hint = f"check the file system of {where}"
     err = StorageError(f"{what} failed: {e.strerror or e}.\n  fix: {hint}.")

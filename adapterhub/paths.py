@@ -6,7 +6,7 @@ through :func:`check_output` before anything is created or replaced. It refuses 
 contains or lies inside
 
 - a registry (found by its ``registry.json`` + ``blobs/``, or registered with :func:`reading`); only
-  its staging folder ``tmp/``, where the registry itself stages pushes, may be written inside,
+  a staging entry this process created in its ``tmp/`` (the registry staging a push) may be written inside,
 - the current directory or one of its parents (``-o .``, ``-o ..``),
 - a source the command is reading (adapter directories, the base, recipe files: :func:`reading`).
 
@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import contextvars
 import os
+import re
+import shutil
+import socket
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -99,7 +103,7 @@ def check_output(target: str | Path, *, replace: bool = False, reads: tuple[str 
             what = f"is {what}" if t == p else what
             raise OutputPathError(f"{given} {what}; writing there could destroy it.\n  fix: {fix}.", path=lexical)
         registry = _registry_at_or_above(t)
-        if registry is not None and not _inside(t, registry / STAGING):  # the registry's own staging writes
+        if registry is not None and not _own_staging(t, registry):  # the registry's own staging writes
             relation = "is" if registry == t else "lies inside"
             raise OutputPathError(
                 f"{given} {relation} the adapterhub registry at {registry}; writing there would damage it.\n"
@@ -126,6 +130,11 @@ def check_new_file(path: str | Path, *, what: str = "file", overwrite: bool = Fa
     if path.exists() and not path.is_dir() and not overwrite:
         raise OutputPathError(f"{shown(path)} already exists.\n  fix: choose a new file name, or pass "
                               "overwrite=True (CLI: --force) to replace it.", path=path)
+    if overwrite and not path.is_symlink() and path.exists() and not path.is_dir() and not _replaceable_file(path):
+        raise OutputPathError(
+            f"{shown(path)} exists and is not an adapterhub {what}; overwrite (--force) replaces only an earlier "
+            f"{what} (or an empty file), so nothing else is ever lost.\n  fix: choose a new file name, or remove "
+            f"{shown(path)} yourself first if it really should go.", path=path)
     if path.is_dir():
         raise OutputPathError(f"{path} is a directory; the {what} is a file.\n  fix: give a file name, e.g. "
                               f"{path / 'recipe.json'}.", path=path)
@@ -147,7 +156,8 @@ def pending_text_file(path: str | Path, *, what: str = "file", overwrite: bool =
         StorageError: the file system refused the file (read-only, full, permissions).
     """
     path = check_new_file(path, what=what, overwrite=overwrite)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_dead_leftovers(path.parent)
+    tmp = path.with_name(f".{path.name}.{writer_tag()}.tmp")
     with _storage(f"writing the {what} {path}", path.parent):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
 
@@ -177,6 +187,124 @@ def write_text_file(path: str | Path, text: str, *, what: str = "file", overwrit
         return commit(text)
 
 
+#: what an existing directory holds at its top when adapterhub may replace it (--force): an adapter
+#: (PEFT, the `adapters` library, adapterhub) or a model checkpoint, i.e. something it could have written
+OUTPUT_MARKERS = ("adapter_config.json", "adapterhub.json", "config.json")
+#: never replaced, whatever they hold: the file system's top-level folders and the home directory
+_SYSTEM = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media", "/mnt", "/opt",
+           "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var")
+
+
+def check_replaceable(target: str | Path) -> None:
+    """Refuse to replace (``--force``) an existing directory that adapterhub cannot have written: one without
+    an adapter or model config at its top (:data:`OUTPUT_MARKERS`), a git work tree, one holding a registry
+    anywhere inside, a mount point, a top-level system folder or the home directory. A symbolic link is
+    always replaceable: only the link goes, not what it names.
+
+    Raises:
+        OutputPathError: what the directory is, and what to do instead.
+    """
+    target = _absolute(target)
+    if target.is_symlink() or not target.is_dir():
+        return
+    home = _resolved(_absolute("~"))
+    real = _resolved(target)
+    if str(real) in _SYSTEM or real == home or str(target) in _SYSTEM or target == home or os.path.ismount(real):
+        what = "the home directory" if home in (real, target) else "a system folder or mount point"
+        raise OutputPathError(f"{shown(target)} is {what}; adapterhub never replaces it.\n  fix: name a new folder "
+                              "for the output, e.g. ./out.", path=target)
+    try:
+        ours = any((target / m).is_file() for m in OUTPUT_MARKERS)
+        repository = os.path.lexists(target / ".git")
+    except OSError:
+        ours, repository = False, False
+    if repository:
+        raise OutputPathError(f"{shown(target)} is a git work tree; adapterhub never replaces one (its history would "
+                              "go).\n  fix: choose a new output path.", path=target)
+    inner = _registry_below(target)
+    if inner is not None:
+        raise OutputPathError(
+            f"{shown(target)} contains the adapterhub registry at {inner}; replacing it would delete the registry.\n"
+            "  fix: choose another output path.", path=target)
+    if not ours:
+        raise OutputPathError(
+            f"{shown(target)} exists and holds no adapter or model (no {', '.join(OUTPUT_MARKERS)}); overwrite "
+            "(--force) replaces only a directory adapterhub could have written, so nothing else is ever lost.\n"
+            f"  fix: choose a new output path, or remove {shown(target)} yourself first if it really should go.",
+            path=target)
+
+
+def _replaceable_file(path: Path) -> bool:
+    """An existing file ``--force`` may replace: a regular file that is empty or holds an adapterhub recipe."""
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if st.st_size == 0:
+            return True
+        if st.st_size > 1 << 20:
+            return False
+        from adapterhub import _json
+
+        doc = _json.loads(path.read_bytes())
+        return isinstance(doc, dict) and str(doc.get("recipe", "")).startswith("adapterhub.recipe")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+
+
+def writer_tag() -> str:
+    """What names this process's temporary files beside an output: ``adapterhub-<pid>@<host>``."""
+    return f"adapterhub-{os.getpid()}@{_host()}"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:old-)?adapterhub-(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]+)"
+                       r"(?:\.[A-Za-z0-9_]+)?\.tmp$")
+
+
+def remove_dead_leftovers(folder: str | Path) -> list[Path]:
+    """Remove what killed adapterhub processes left in ``folder`` beside their outputs: temporary output
+    directories and files (``.<name>.adapterhub-<pid>@<host>.<random>.tmp``) and replaced outputs not yet
+    deleted (``.<name>.old-adapterhub-<pid>@<host>.tmp``, only when ``<name>`` exists again), of processes of
+    this host that are gone. Entries of running processes and of other hosts are never touched.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    host = _host()
+    for entry in entries:
+        m = _LEFTOVER.match(entry.name)
+        if m is None or m.group("host") != host or _alive(int(m.group("pid"))):
+            continue
+        path = Path(entry.path)
+        if ".old-adapterhub-" in entry.name and not os.path.lexists(path.with_name(m.group("name"))):
+            continue  # the previous output, and no new one in its place (killed between the two renames): keep it
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def probe_directory(target: str | Path) -> None:
     """Fail now, not after long work, if a directory cannot be created where ``target`` will be: a
     temporary folder is made and removed in the nearest existing folder above it.
@@ -187,7 +315,7 @@ def probe_directory(target: str | Path) -> None:
     target = _absolute(target)
     where = next((a for a in target.parents if a.is_dir()), Path("/"))
     with _storage(f"creating {target}", where):
-        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".probe", dir=where))
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.{writer_tag()}.", suffix=".tmp", dir=where))
 
 
 @contextmanager
@@ -252,6 +380,15 @@ def _registry_at_or_above(p: Path) -> Path | None:
         if _is_registry(d):
             return d
     return None
+
+
+def _own_staging(p: Path, registry: Path) -> bool:
+    """``p`` lies inside a staging entry this process already created in the registry's ``tmp/``
+    (``tmp/w<pid>-<hex>.<purpose>...``): the registry writing its own staging copy, never a user's output."""
+    if not _inside(p, registry / STAGING):
+        return False
+    entry = registry / STAGING / p.relative_to(registry / STAGING).parts[0]
+    return entry != p and entry.name.startswith(f"w{os.getpid()}-") and entry.is_dir() and not entry.is_symlink()
 
 
 def _registry_below(p: Path) -> Path | None:

@@ -183,9 +183,11 @@ def blend_sources(sources: Sequence[str] = (), weights: Sequence[float] | None =
     from adapterhub.formats._files import check_directory_target
 
     if (recipe is None) == (not sources):
-        raise BlendError("give sources or a recipe (exactly one of them).")
+        raise BlendError("give sources or a recipe (exactly one of them).\n  fix: pass sources=[...] or recipe=PATH, "
+                         "not both.")
     if output is None and push is None:
-        raise BlendError("a blend needs somewhere to go: an output directory or a registry name to push to.")
+        raise BlendError("a blend needs somewhere to go: an output directory or a registry name to push to.\n"
+                         "  fix: pass output=DIR or push=NAME (CLI: -o DIR or --push NAME).")
     if recipe is None:
         weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
         if len(weights) != len(sources):
@@ -272,6 +274,8 @@ def export_sources(sources: Sequence[str], base: str | Path, out: str | Path, *,
         if seed is not None:
             options["seed"] = seed
     paths = [Path(s).expanduser() for s in specs if looks_like_path(s)]
+    for path in [p for p in paths if p.is_file()]:  # a recipe: the directories it blends are sources too
+        paths += [Path(s["path"]) for s in Recipe.load(path).sources if "path" in s]
     with ExitStack() as stack:
         stack.enter_context(reading(base, role="the base model this command reads"))
         stack.enter_context(reading(*paths))

@@ -98,9 +98,10 @@ def read_header(path: str | Path) -> SafetensorsHeader:
                     f"but the file has {size} bytes.\n  fix: {fix}", path=path)
             raw = f.read(n)
     except FileNotFoundError as e:
-        raise MissingFileError(f"{path} does not exist.", path=path) from e
+        raise MissingFileError(f"{path} does not exist.\n  fix: check the path, or restore the file.", path=path) from e
     except IsADirectoryError as e:
-        raise CorruptFileError(f"{path} is a directory, not a safetensors file.", path=path) from e
+        raise CorruptFileError(f"{path} is a directory, not a safetensors file.\n  fix: put the weights file there "
+                               "instead.", path=path) from e
     try:
         header = _json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

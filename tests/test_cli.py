@@ -346,3 +346,69 @@ def test_readme_documents_every_command_and_method_option():
         assert f"--{name.replace('_', '-')}" in readme, name
     for name in METHODS:
         assert f"`{name}`" in readme, name
+
+
+# --- attack pass: messages that echo what the user typed stay a few readable lines ---------------------------------
+
+
+def test_a_5000_character_path_or_name_is_cut_in_the_message(tmp_path, monkeypatch):
+    from adapterhub.cli import cut_long_words
+
+    word = "/w/" + "o" * 5000
+    assert cut_long_words(f"error: looking at {word} failed.\n  fix: check {word}.") == (
+        f"error: looking at /w/{'o' * 97}...(5003 characters)...{'o' * 60} failed.\n"
+        f"  fix: check /w/{'o' * 97}...(5004 characters)...{'o' * 59}.")
+    assert cut_long_words("a" * 240 + " b") == "a" * 240 + " b"  # a long but ordinary path stays whole
+    monkeypatch.setenv("ADAPTERHUB_REGISTRY", str(tmp_path / "reg"))
+    monkeypatch.chdir(tmp_path)
+    assert run("push", ADAPTERS_LIB / "llama_lora", "t/a").exit_code == 0
+    # was 10,177 characters (the path twice, whole); click's own usage errors went through whole as well
+    for args in (("pull", "t/a", "-o", "o" * 5000), ("inspect", "a" * 5000), ("push", "b" * 3000, "t/x")):
+        result = run(*args)
+        assert result.exit_code in (1, 2) and len(result.output) < 600, (args, len(result.output))
+        assert "characters)..." in result.output and "Traceback" not in result.output, result.output
+
+
+def test_name_and_lookup_messages_say_how_to_fix_them(tmp_path, monkeypatch):
+    """Pinned verbatim: a hostile name is cut and a valid spelling suggested; a missing version names one that
+    exists (these had no fix line)."""
+    from adapterhub.errors import InvalidReferenceError, NotFoundError
+    from adapterhub.registry import Registry
+    from adapterhub.registry.refs import check_name, parse_ref
+
+    msgs = []
+    for bad in ("Team/My Adapter", "X" * 5000, "a/b/c", ""):
+        try:
+            check_name(bad)
+        except InvalidReferenceError as e:
+            msgs.append(str(e))
+    assert msgs == [
+        "invalid name part 'Team' in 'Team/My Adapter': use lower-case letters, digits, '.', '_' and '-', starting "
+        "with a letter or digit, at most 64 characters, no '..'.\n  fix: write it as e.g. 'team'.",
+        f"invalid name part '{'X' * 60}...(5000 characters)' in '{'X' * 60}...(5000 characters)': use lower-case "
+        "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64 characters, no '..'.\n"
+        f"  fix: write it as e.g. '{'x' * 64}'.",
+        "invalid name 'a/b/c': at most one '/' (namespace/name).\n  fix: join the rest with '-', e.g. "
+        "team/project-sentiment.",
+        "an adapter name cannot be empty.\n  fix: give a name such as team/sentiment."]
+    try:
+        parse_ref("t/a@1@2")
+    except InvalidReferenceError as e:
+        assert str(e) == "invalid reference 't/a@1@2': one '@' at most.\n  fix: write NAME@VERSION or NAME@TAG."
+    reg = Registry(tmp_path / "reg")
+    reg.push(ADAPTERS_LIB / "llama_lora", "t/a")
+    reg.push(ADAPTERS_LIB / "llama_lora", "t/a", allow_duplicate=True)
+    try:
+        reg.resolve("t/a@7")
+    except NotFoundError as e:
+        assert str(e) == "'t/a' has no version or tag '7' (versions: 1, 2; tags: latest).\n  fix: use one of them, " \
+                         "e.g. t/a@2."
+    else:
+        raise AssertionError("t/a@7 resolved")
+    try:
+        reg.rm("t/a")
+    except InvalidReferenceError as e:
+        assert str(e) == ("say which version of 't/a' to remove.\n  fix: `adapterhub rm t/a@VERSION` "
+                          "(`adapterhub list t/a` shows them).")
+    else:
+        raise AssertionError("rm t/a went through")

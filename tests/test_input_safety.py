@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -140,3 +141,58 @@ def test_links_leaving_the_folder_are_refused_by_every_reader(tmp_path):
     (dangling / "adapter.safetensors").symlink_to("/nonexistent/adapter.safetensors")
     with pytest.raises(UnsafeLinkError):
         read_adapter(dangling)
+
+
+# --- tensors whose shape cannot be what their role says (attack pass on issue 10) -----------------------------------
+
+def _peft_copy(src: Path, dst: Path) -> Path:
+    from adapterhub.formats import write_adapter
+
+    return write_adapter(read_adapter(src), dst, format="peft")
+
+
+LAYOUT_CASES = {  # case -> (how the adapter is made, tensor role it ends with, mutation, what the message says)
+    "lora_A-0d": ("peft-lora", "lora_A.weight", lambda t: t.new_tensor(1.0), "lora_A must be a non-empty 2-d"),
+    "lora_B-1d": ("peft-lora", "lora_B.weight", lambda t: t.flatten()[:3].clone(), "lora_B must be a non-empty 2-d"),
+    "lora_B-other-rank": ("adapters-lora", "lora_B", lambda t: t.repeat(1, 2),
+                          "its rank (dimension 1) must equal that of lora_A (8)"),
+    "ia3-1d": ("peft-ia3", "ia3_l", lambda t: t.flatten().clone(), "ia3_l must be a non-empty 2-d"),
+    "prefix-mlp-transposed": ("adapters-prefix", "control_trans.2.weight", lambda t: t.T.contiguous(),
+                              "the prefix MLP layers do not chain"),
+    "prefix-flat-short": ("adapters-prefix-flat", "control_trans", lambda t: t.flatten()[:3].clone(),
+                          "it must hold prefix_length (10) x width values"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYOUT_CASES))
+def test_tensors_of_impossible_shapes_are_refused_by_every_command(case, llama_base, make_peft, tmp_path,
+                                                                 monkeypatch):
+    """A 0-d lora_A, a 1-d lora_B, factors of two ranks, a prefix MLP whose layers do not chain: inspect, check,
+    blend and export gave an internal error (IndexError/RuntimeError) instead of naming the tensor."""
+    from peft import IA3Config
+    from safetensors.torch import load_file, save_file
+
+    how, role, mutate, message = LAYOUT_CASES[case]
+    sources = {"peft-lora": lambda: _peft_copy(ADAPTERS_LIB / "llama_lora", tmp_path / "src"),
+               "peft-ia3": lambda: make_peft(llama_base, IA3Config(target_modules=["k_proj", "down_proj"],
+                                                                   feedforward_modules=["down_proj"])),
+               "adapters-lora": lambda: ADAPTERS_LIB / "llama_lora",
+               "adapters-prefix": lambda: ADAPTERS_LIB / "llama_prefix_tuning_safetensors",
+               "adapters-prefix-flat": lambda: ADAPTERS_LIB / "llama_prefix_tuning_flat_safetensors"}
+    adapter = shutil.copytree(sources[how](), tmp_path / "bad")
+    [weights] = [p for p in adapter.glob("*.safetensors") if p.name in ("adapter.safetensors",
+                                                                        "adapter_model.safetensors")]
+    tensors = load_file(weights)
+    name = sorted(n for n in tensors if n.endswith(role))[0]
+    tensors[name] = mutate(tensors[name])
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(CorruptFileError, match=re.escape(message)):
+        read_adapter(adapter)
+    monkeypatch.chdir(tmp_path)
+    for args in (["inspect", adapter], ["check", adapter, "--base", llama_base],
+                 ["blend", adapter, adapter, "-o", tmp_path / "blend"],
+                 ["export", adapter, "--base", llama_base, "-o", tmp_path / "export"]):
+        result = CliRunner(env={"ADAPTERHUB_REGISTRY": str(tmp_path / "reg")}).invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 2 and "internal error" not in result.output, (args, result.output)
+        assert message in result.output and "\n  fix: " in result.output, (args, result.output)
+    assert not (tmp_path / "blend").exists() and not (tmp_path / "export").exists()

@@ -153,7 +153,12 @@ def test_guard_library_rules(tmp_path, monkeypatch):
     reg = tmp_path / "r"
     (reg / "blobs").mkdir(parents=True)
     (reg / "registry.json").write_text("{}")
-    assert check_output(reg / "tmp" / "push-1" / "adapter")  # the registry's own staging area
+    own = reg / "tmp" / f"w{os.getpid()}-0123456789ab.push-1"  # a staging entry this process created
+    own.mkdir(parents=True)
+    assert check_output(own / "adapter")  # the registry staging a push: its own writes
+    for other in (reg / "tmp" / "push-1" / "adapter", reg / "tmp" / "w1-000000000000.push-x" / "adapter", own):
+        with pytest.raises(OutputPathError, match="lies inside the adapterhub registry"):  # a user's output there
+            check_output(other)
     with pytest.raises(OutputPathError, match="lies inside the adapterhub registry"):
         check_output(reg / "tmp")
     for bad in ("", "a\0b"):
@@ -203,8 +208,9 @@ def test_save_recipe_is_checked_before_the_blend_runs(world):
     assert (r.exit_code, r.output) == (2, f"error: {mine} already exists.\n  fix: choose a new file name, or pass "
                                           "overwrite=True (CLI: --force) to replace it.\n")
     assert mine.read_text() == "{}\n" and not (root / "x").exists()
+    mine.write_text('{"recipe": "adapterhub.recipe.v1"}\n')  # an earlier recipe: --force replaces it
     assert run("blend", a, b, "-o", root / "x", "--save-recipe", mine, "--force").exit_code == 0
-    assert json.loads(mine.read_text())["recipe"] == "adapterhub.recipe.v1"
+    assert "sources" in json.loads(mine.read_text())
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077])
@@ -333,3 +339,161 @@ def test_force_never_replaces_a_file_and_replaces_a_link_not_what_it_names(world
     assert link.is_dir() and not link.is_symlink() and (link / "adapter_config.json").is_file()
     assert [p.name for p in keep.iterdir()] == ["f"] and (keep / "f").read_text() == "keep\n"
     assert not [p for p in root.iterdir() if ".old-" in p.name]
+
+
+# --- --force replaces only what adapterhub could have written (attack pass on issue 10) ----------------------------
+# Found by running `adapterhub pull t/a -o /etc --force`: /etc was replaced by an adapter and the old one deleted;
+# `--save-recipe /dev/null --force` replaced the device node by a file. Never reproduce that here: system paths are
+# checked through check_replaceable() alone, and the CLI cases use folders and a FIFO under tmp_path.
+
+
+def test_force_replaces_an_adapter_or_model_directory_and_nothing_else(world, monkeypatch):
+    root, reg, a, b, base = world
+    notes = root / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine\n")
+    before = tree(root)
+    for cmd in (("pull", "t/a"), ("convert", a), ("blend", a, b), ("export", a, "--base", base)):
+        r = run(*cmd, "-o", notes, "--force")
+        assert (r.exit_code, r.output) == (2, f"error: {notes} exists and holds no adapter or model (no "
+                                              "adapter_config.json, adapterhub.json, config.json); overwrite (--force) "
+                                              "replaces only a directory adapterhub could have written, so nothing "
+                                              f"else is ever lost.\n  fix: choose a new output path, or remove {notes} "
+                                              "yourself first if it really should go.\n"), cmd
+    assert tree(root) == before
+    clone = shutil.copytree(base, root / "clone")
+    (clone / ".git").mkdir()
+    r = run("export", a, "--base", base, "-o", clone, "--force")
+    assert (r.exit_code, r.output) == (2, f"error: {clone} is a git work tree; adapterhub never replaces one (its "
+                                          "history would go).\n  fix: choose a new output path.\n")
+    home = shutil.copytree(base, root / "home")  # a home directory holding a config.json is still the home
+    monkeypatch.setenv("HOME", str(home))
+    r = run("export", a, "--base", base, "-o", "~", "--force")
+    assert (r.exit_code, r.output) == (2, f"error: {home} is the home directory; adapterhub never replaces it.\n"
+                                          "  fix: name a new folder for the output, e.g. ./out.\n")
+    assert (home / "config.json").is_file() and (clone / ".git").is_dir()
+    earlier = root / "earlier"  # what --force is for: an earlier output
+    assert run("pull", "t/a", "-o", earlier).exit_code == 0
+    assert run("convert", b, "-o", earlier, "--force").exit_code == 0
+    assert run("export", a, "--base", base, "-o", earlier, "--force").exit_code == 0
+    assert (earlier / "config.json").is_file() and not (earlier / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("path", ["/", "/etc", "/usr", "/var", "/tmp", "/dev", "/root"])
+def test_system_folders_are_never_replaceable(path):
+    from adapterhub.paths import check_replaceable
+
+    with pytest.raises(OutputPathError, match="system folder or mount point|the home directory"):
+        check_replaceable(path)
+
+
+def test_save_recipe_force_replaces_only_an_earlier_recipe(world):
+    root, reg, a, b, base = world
+    script = root / "run.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    fifo = root / "fifo"
+    os.mkfifo(fifo)
+    settings = root / "config.json"  # a JSON object, but another tool's (a model's config.json)
+    settings.write_text('{"model_type": "llama"}\n')
+    for target in (script, fifo, settings):
+        r = run("blend", a, b, "-o", root / "x", "--save-recipe", target, "--force")
+        assert (r.exit_code, r.output) == (2, f"error: {target} exists and is not an adapterhub recipe; overwrite "
+                                              "(--force) replaces only an earlier recipe (or an empty file), so "
+                                              f"nothing else is ever lost.\n  fix: choose a new file name, or remove "
+                                              f"{target} yourself first if it really should go.\n")
+    assert script.read_text() == "#!/bin/sh\necho hi\n" and stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert settings.read_text() == '{"model_type": "llama"}\n'
+    assert not (root / "x").exists()
+    empty = root / "empty.json"
+    empty.touch()
+    assert run("blend", a, b, "-o", root / "x", "--save-recipe", empty, "--force").exit_code == 0
+    assert json.loads(empty.read_text())["recipe"] == "adapterhub.recipe.v1"
+    assert run("blend", a, b, "-o", root / "x", "--save-recipe", empty, "--force").exit_code == 0
+
+
+def test_export_of_a_recipe_never_writes_over_the_directories_it_blends(world):
+    """`export RECIPE -o <a directory the recipe names> --force` replaced that source adapter: the recipe's
+    own sources were not guarded, only the recipe file."""
+    root, reg, a, b, base = world
+    recipe = root / "r.json"
+    assert run("blend", a, b, "-o", root / "blended", "--save-recipe", recipe).exit_code == 0
+    before = tree(root)
+    for out in (a, a / "merged", b):
+        r = run("export", recipe, "--base", base, "-o", out, "--force")
+        assert r.exit_code == 2 and "a source this command reads" in r.output and "fix: " in r.output, r.output
+    assert tree(root) == before
+
+
+def test_a_refused_pull_costs_nothing_even_when_it_converts(world):
+    """`pull --format peft` loaded the version (a snapshot, the index, a staging lock) before checking -o."""
+    root, reg, a, b, base = world
+    before = tree(reg)
+    for out in (".", reg, reg / "tmp" / "x", root / "work"):
+        r = run("pull", "t/a", "-o", out, "--force", "--format", "peft")
+        assert r.exit_code == 2 and "fix: " in r.output, r.output
+    assert tree(reg) == before
+
+
+# --- what killed runs leave beside their outputs (attack pass: 3 of 8 exports killed with SIGKILL left hidden
+# partial checkpoints, `.exp3.udfbpean.tmp`, beside the output for ever) -------------------------------------------
+
+
+def _writing(p: Path) -> bool:
+    """A temporary output directory with files in it (it may vanish while we look)."""
+    with contextlib.suppress(OSError):
+        return p.is_dir() and any(p.iterdir())
+    return False
+
+
+def _dead_pid() -> int:
+    p = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True)
+    return int(p.stdout)
+
+
+def test_leftovers_of_dead_writers_are_removed_and_nothing_else(tmp_path):
+    from adapterhub.paths import _host, remove_dead_leftovers, writer_tag
+
+    dead, host = _dead_pid(), _host()
+    gone = [tmp_path / f".merged.adapterhub-{dead}@{host}.k2j_x8aa.tmp",
+            tmp_path / f".r.json.adapterhub-{dead}@{host}.tmp"]
+    gone[0].mkdir()
+    (gone[0] / "model-00001-of-00002.safetensors").write_bytes(b"x" * 1000)
+    gone[1].write_text("{")
+    (tmp_path / "merged").mkdir()  # the output exists again: its replaced copy is garbage
+    gone.append(tmp_path / f".merged.old-adapterhub-{dead}@{host}.tmp")
+    gone[2].mkdir()
+    kept = [tmp_path / f".pulled.old-adapterhub-{dead}@{host}.tmp",  # the only copy left of 'pulled': kept
+            tmp_path / f".merged.{writer_tag()}.abcdefgh.tmp",  # this (running) process's
+            tmp_path / f".merged.adapterhub-{dead}@another-host.abcdefgh.tmp",  # another machine's (shared disk)
+            tmp_path / ".merged.12345.tmp", tmp_path / "notes.tmp", tmp_path / f"merged.adapterhub-{dead}@{host}.tmp"]
+    for k in kept:
+        k.mkdir()
+    assert sorted(remove_dead_leftovers(tmp_path)) == sorted(gone)
+    assert all(k.exists() for k in kept) and not any(g.exists() for g in gone)
+
+
+def test_an_export_killed_mid_write_leaves_nothing_after_the_next_write(tmp_path):
+    import signal
+    import sys
+    import time
+
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    left: list[Path] = []
+    for attempt in range(10):
+        proc = subprocess.Popen([sys.executable, "-m", "adapterhub.cli", "export", str(LORA), "--base", str(BASE),
+                                 "-o", str(outs / f"e{attempt}")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            left = [p for p in outs.iterdir() if p.name.startswith(f".e{attempt}.adapterhub-{proc.pid}@")]
+            if any(_writing(p) for p in left):  # files are being written
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        left = [p for p in outs.iterdir() if p.name.startswith(".")]
+        if any(_writing(p) for p in left):
+            break
+    assert left, "no kill landed while the output was being written"
+    assert any(_writing(p) for p in left), left  # a partial checkpoint, not just a probe
+    assert run("convert", LORA, "-o", outs / "next").exit_code == 0
+    assert sorted(p.name for p in outs.iterdir() if p.name.startswith(".")) == []

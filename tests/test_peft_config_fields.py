@@ -23,7 +23,7 @@ from peft.tuners.lora.config import MontecloraConfig, VeloraConfig
 from adapterhub.base import BaseCheckpoint
 from adapterhub.cli import cli
 from adapterhub.compose.merge import MergeError, merge_into
-from adapterhub.errors import InvalidValueError, NonFiniteError, UnsupportedAdapterError
+from adapterhub.errors import CorruptFileError, InvalidValueError, NonFiniteError, UnsupportedAdapterError
 from adapterhub.formats import peft_config, read_adapter
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "peft-config-fields.md"
@@ -357,11 +357,15 @@ BAD_VALUES = [
     ("target_modules", [1, 2], InvalidValueError, "target_modules must be a list of module names"),
     ("modules_to_save", ["((("], InvalidValueError, "modules_to_save entry '(((' is not a valid regular"),
     ("init_lora_weights", "magic", InvalidValueError, "init_lora_weights='magic' is not a value PEFT accepts."),
+    # integers past float range: every use of them as a float overflowed (an internal error at the CLI)
+    ("lora_alpha", 10**400, InvalidValueError, "lora_alpha is a 401-digit number, too large to compute with."),
+    ("alpha_pattern", {"q_proj": -(10**400)}, InvalidValueError, "alpha_pattern['q_proj'] is a 401-digit number"),
+    ("r", 10**400, InvalidValueError, "r is a 401-digit number, too large to compute with."),
 ]
 
 
 @pytest.mark.parametrize(("key", "value", "exc", "message"), BAD_VALUES,
-                         ids=[f"{k}={v!r}" for k, v, _, _ in BAD_VALUES])
+                         ids=[f"{k}={v!r}"[:60] for k, v, _, _ in BAD_VALUES])
 def test_unusable_values_are_named(key, value, exc, message, qv, tmp_path):
     got = read_error(qv, tmp_path, exc, **{key: value})
     assert got.startswith(message), got
@@ -436,3 +440,57 @@ def test_targets_without_weights_are_a_no_op_or_refused(init, error, qv, llama_b
         return
     assert [(p.code, p.where) for p in report.errors] == [("target-without-weights", "model.layers.0.self_attn.k_proj")]
     assert f"with init_lora_weights={init!r} PEFT gives them random initial weights" in report.errors[0].message
+
+
+# --- re-verification of issue 10 (attack pass): weights a config switches off, names PEFT does not match ----------
+
+
+@pytest.mark.parametrize(("flag", "tensor"), [("use_dora", "lora_magnitude_vector"), ("lora_bias", "lora_B.bias")])
+def test_variant_weights_the_config_switches_off_are_not_applied(flag, tensor, minilm_dir, tmp_path):
+    """A DoRA (or lora_bias) adapter whose config was edited to use_dora=false (lora_bias=false): PEFT builds plain
+    LoRA layers and drops the magnitudes (biases) as unexpected keys. We applied them (MiniLM: 0.76 and 7.05 off)."""
+    from peft import get_peft_model
+
+    model = get_peft_model(load_base(minilm_dir), LoraConfig(r=4, target_modules=["query", "value"], **{flag: True}))
+    g = torch.Generator().manual_seed(37)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    model.save_pretrained(tmp_path / "saved")
+    path = edited(tmp_path / "saved", tmp_path / "edited", **{flag: False})
+    adapter = read_adapter(path)
+    assert not any(n.endswith(tensor) for n in adapter.tensors)
+    assert sum(n.endswith(tensor) for n in adapter.extra["ignored"]) == 12
+    assert max_diff_vs_peft(minilm_dir, path) <= 1e-6
+
+
+def test_weights_without_peft_name_prefix_are_refused(qv, llama_base, tmp_path):
+    """PEFT matches saved weights to its modules by the full name: without 'base_model.model.' it loads none of
+    them and the merged model is the base. We folded them all (0.08 off); now the directory is refused."""
+    from safetensors.torch import load_file, save_file
+
+    path = edited(qv, tmp_path / "a")
+    weights = path / "adapter_model.safetensors"
+    save_file({k.removeprefix("base_model.model."): v for k, v in load_file(weights).items()}, weights)
+    base = load_base(llama_base).state_dict()
+    theirs = peft_state(llama_base, path)
+    assert all(torch.equal(theirs[k], base[k]) for k in base)  # the oracle: PEFT applied nothing
+    with pytest.raises(CorruptFileError) as info:
+        read_adapter(path)
+    assert str(info.value) == (
+        f"{path}: 8 of 8 weight(s) lack PEFT's 'base_model.model.' name prefix (e.g. "
+        "'model.layers.0.self_attn.q_proj.lora_A.weight'); PEFT loads none of them, so the adapter would apply nothing "
+        "there.\n  fix: save the adapter with PEFT's save_pretrained, or rename each weight to "
+        "'base_model.model.<name>'.")
+
+
+def test_a_config_number_of_thousands_of_digits_is_a_json_error(qv, tmp_path):
+    path = edited(qv, tmp_path / "a")
+    text = (path / "adapter_config.json").read_text()
+    (path / "adapter_config.json").write_text(text.replace('"lora_alpha": 8', '"lora_alpha": ' + "9" * 5000))
+    assert "9" * 5000 in (path / "adapter_config.json").read_text()
+    with pytest.raises(CorruptFileError) as info:
+        read_adapter(path)
+    assert str(info.value).startswith(f"{path / 'adapter_config.json'} is not valid JSON (Exceeds the limit (4300 "
+                                      "digits) for integer string conversion")

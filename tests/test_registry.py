@@ -31,6 +31,7 @@ from adapterhub.errors import (
     IntegrityError,
     InvalidReferenceError,
     NotFoundError,
+    OutputPathError,
     PickleRefusedError,
     RegistryError,
     StorageError,
@@ -459,7 +460,7 @@ def test_pull_detects_a_corrupt_blob_and_writes_nothing(mode, tmp_path):
     out = out_parent / "out"
     if mode == "overwrite":
         out.mkdir()
-        (out / "old.txt").write_text("previous pull")
+        (out / "adapter_config.json").write_text("previous pull")
     with pytest.raises(IntegrityError) as e:
         if mode == "copy":
             reg.pull("x", out)
@@ -474,7 +475,8 @@ def test_pull_detects_a_corrupt_blob_and_writes_nothing(mode, tmp_path):
     msg = str(err)
     assert str(blob) in msg and expected in msg and actual in msg
     if mode == "overwrite":
-        assert dir_hashes(out) == {"old.txt": sha256_file(out / "old.txt")}, "the previous content must survive"
+        previous = {"adapter_config.json": sha256_file(out / "adapter_config.json")}
+        assert dir_hashes(out) == previous, "the previous content must survive"
         assert [p.name for p in out_parent.iterdir()] == ["out"]
     else:
         assert not out.exists()
@@ -492,9 +494,12 @@ def test_pull_refuses_non_empty_directory_unless_overwrite(tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(AdapterHubError):
         reg.pull("x", out)
+    with pytest.raises(OutputPathError, match="holds no adapter or model"):  # not something a pull wrote
+        reg.pull("x", out, overwrite=True)
     assert dir_hashes(out) == {"keep.txt": sha256_file(out / "keep.txt")}
-    reg.pull("x", out, overwrite=True)
-    assert dir_hashes(out) == want
+    reg.pull("x", tmp_path / "earlier")
+    reg.pull("x", tmp_path / "earlier", overwrite=True)  # an earlier pull is replaced
+    assert dir_hashes(tmp_path / "earlier") == want
     empty = tmp_path / "empty"
     empty.mkdir()
     reg.pull("x", empty)
@@ -1036,6 +1041,63 @@ def test_full_disk_is_a_clear_storage_error_and_leaves_no_version(big_adapter, t
     reg.close()
 
 
+def test_a_full_disk_under_the_index_is_one_clear_message(tiny_disk, monkeypatch):
+    """With the registry's disk full, sqlite's "disk I/O error" escaped as an internal error from list, tag, rm
+    and verify (attack pass)."""
+    from click.testing import CliRunner
+
+    from adapterhub.cli import cli
+
+    root = tiny_disk / "reg"
+    reg = Registry(root)
+    reg.push(LLAMA_LORA, "x")
+    reg.close()  # its WAL files go: the next open must write them
+    with open(tiny_disk / "filler", "wb") as f:  # fill the disk
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+    for args in (["list"], ["tag", "x@1", "t"], ["rm", "x@1"], ["verify"]):
+        r = CliRunner(env={"ADAPTERHUB_REGISTRY": str(root)}).invoke(cli, args)
+        assert r.exit_code == 1 and "internal error" not in r.output, (args, r.output)
+        assert r.output.startswith("error: ") and "\n  fix: " in r.output, (args, r.output)
+    (tiny_disk / "filler").unlink()
+    assert Registry(root).verify().ok
+
+
+@pytest.mark.parametrize("damage", ["random-bytes", "bad-header", "dropped-table", "empty-file"])
+def test_a_damaged_index_is_rebuilt_not_fatal(damage, tmp_path):
+    """The index is derived data (FORMAT.md: it may be deleted at any time). A damaged file made every command,
+    `reindex` included, an internal error (DatabaseError: file is not a database); a table dropped from it made
+    `list` print nothing with exit 0."""
+    import sqlite3
+
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.push(LLAMA_LORA, "x")
+    reg.push(MINILM_LORA, "y")
+    reg.close()
+    index = root / "index.sqlite"
+    for extra in ("-wal", "-shm"):
+        Path(f"{index}{extra}").unlink(missing_ok=True)
+    if damage == "random-bytes":
+        index.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(5000)))
+    elif damage == "bad-header":
+        index.write_bytes(b"SQLite format 3\0" + b"garbage" * 100)
+    elif damage == "empty-file":
+        index.write_bytes(b"")
+    else:
+        db = sqlite3.connect(index)
+        db.execute("DROP TABLE versions")
+        db.commit()
+        db.close()
+    reg = Registry(root)
+    assert [i.ref for i in reg.list()] == ["x@1", "y@1"]
+    assert reg.verify().ok
+    reg.reindex()
+    reg.close()
+
+
 # --- 10. load ------------------------------------------------------------------------------------
 
 
@@ -1314,6 +1376,22 @@ def _training_output(tmp_path: Path) -> Path:
     return d
 
 
+def test_push_leaves_out_broken_links_instead_of_blaming_the_registry(tmp_path):
+    """A README linking to a missing file, and a link loop, failed the push with "storing ... failed: No such file or
+    directory / Too many levels of symbolic links. fix: check ... the registry directory" (attack pass)."""
+    from adapterhub.registry.contents import LeftOut
+
+    src = tmp_path / "a"
+    shutil.copytree(MINILM_LORA, src)
+    (src / "README.md").symlink_to(src / "CARD.md")  # inside the folder, but not there
+    (src / "loop1").symlink_to(src / "loop2")
+    (src / "loop2").symlink_to(src / "loop1")
+    res = Registry(tmp_path / "reg").push(src, "x", include_all=True)
+    assert [f["path"] for f in res.manifest["files"]] == ["adapter.safetensors", "adapter_config.json"]
+    assert res.left_out == (LeftOut("README.md", "broken symbolic link"), LeftOut("loop1", "broken symbolic link"),
+                            LeftOut("loop2", "broken symbolic link"))
+
+
 def test_push_stores_only_the_adapter_and_lists_what_it_left_out(tmp_path):
     from adapterhub.registry.contents import LeftOut
 
@@ -1412,7 +1490,8 @@ def test_unique_digest_prefixes_resolve_and_ambiguous_ones_are_refused(tmp_path)
     with pytest.raises(InvalidReferenceError) as e:
         reg.resolve(f"x@{v1.digest[:14]}")
     assert str(e.value) == (f"invalid digest in 'x@{v1.digest[:14]}': expected sha256: and 8 to 64 lower-case hex "
-                            "digits (a unique prefix of at least 8 digits is enough).")
+                            "digits.\n  fix: copy it from `adapterhub list x --json` (a unique prefix of at least 8 "
+                            "digits is enough).")
     with pytest.raises(NotFoundError):
         reg.resolve("x@sha256:00000000")
     # two versions whose digests share 8 digits (written by hand: finding real ones takes ~2^16 pushes)
@@ -1603,4 +1682,9 @@ def test_a_read_only_registry_can_be_read_and_refuses_writes_clearly(index, tmp_
                 "(--registry PATH or $ADAPTERHUB_REGISTRY), or ask its owner to make it writable; reading (list, "
                 "show, verify, pull) works as is.")
         assert ro.gc(dry_run=True).blobs == []
+        if IS_ROOT:  # a read-only bind mount is another mount: a hard link cannot leave it (attack pass)
+            with pytest.raises(StorageError) as e:
+                ro.pull("team/a", tmp_path / "linked", link=True)
+            assert "Invalid cross-device link" in str(e.value) and "pull without --link" in str(e.value)
+            assert not (tmp_path / "linked").exists()
         assert tree(root) == before, "reading a read-only registry changed it"

@@ -82,7 +82,8 @@ class Option:
             raise BlendOptionError(f"option {self.name} of blend method {method!r} must be {want}, not {value!r}.\n"
                                    f"  fix: {self.name}: {self.help}.")
         if self.type is float and not math.isfinite(value):
-            raise BlendOptionError(f"option {self.name} of blend method {method!r} must be finite, not {value!r}.")
+            raise BlendOptionError(f"option {self.name} of blend method {method!r} must be finite, not {value!r}.\n"
+                                   f"  fix: give {self.name} a number.")
         if self.choices and value not in self.choices:
             raise BlendOptionError(f"option {self.name} of blend method {method!r} must be one of "
                                    f"{', '.join(self.choices)}, not {value!r}.\n  fix: {self.name}: {self.help}.")
@@ -216,18 +217,21 @@ def _lora_modules(adapters: Sequence[Adapter], weights: Sequence[float]
         saved = [n for n in a.carried() if not n.endswith(".base_layer.weight")]  # base layers: see _lora_result
         if saved:
             raise BlendError(f"{a.source or a.name}: modules_to_save copies ({', '.join(saved[:3])}) cannot "
-                             "be blended; blend adapters without them.")
+                             "be blended.\n  fix: blend adapters without them (export folds them in instead).")
         for m in a.modules():
             names = a.module_tensors(m)
             role = "lora_embedding_" if "lora_embedding_A" in names else "lora_"
             if roles.setdefault(m, role) != role:
-                raise BlendError(f"{m}: an embedding LoRA and a linear LoRA cannot be blended.")
+                raise BlendError(f"{m}: an embedding LoRA and a linear LoRA cannot be blended.\n  fix: blend adapters "
+                                 "made for the same kind of layer.")
             if "lora_B.bias" in names:
-                raise BlendError(f"{m}: LoRA bias (lora_bias=True) cannot be blended.")
+                raise BlendError(f"{m}: LoRA bias (lora_bias=True) cannot be blended.\n  fix: export the adapters "
+                                 "(each SRC=WEIGHT folds into the base) instead of blending them.")
             a_name, b_name = names[role + "A"], names[role + "B"]
             ndim = len(a.tensors.shape(a_name))
             if ndim != 2:
-                raise BlendError(f"{m}: only 2-d (linear, embedding) LoRA can be blended, not {ndim}-d.")
+                raise BlendError(f"{m}: only 2-d (linear, embedding) LoRA can be blended, not {ndim}-d.\n  fix: "
+                                 "blend adapters of linear or embedding layers only.")
             a_dtype = st_to_torch(a.tensors.dtype(a_name))
             dtypes.setdefault(m, a_dtype)
             if dtypes[m] != a_dtype or a.tensors.dtype(b_name) != a.tensors.dtype(a_name):
@@ -252,7 +256,8 @@ def _lora_result(adapters: Sequence[Adapter], factors: dict[str, tuple[torch.Ten
             t = a.tensors[n]
             if n in tensors and not torch.equal(tensors[n], t):
                 raise BlendError(f"{n}: the adapters carry different copies of this base layer (made on "
-                                 "differently resized bases); they cannot be blended.")
+                                 "differently resized bases); they cannot be blended.\n  fix: blend adapters made on "
+                                 "the same base.")
             tensors[n] = t
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
     pattern = {re.escape(m): k for m, k in sorted(ranks.items()) if k != r}
@@ -313,7 +318,7 @@ def _dense_truncate(D: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 def _default_rank(fs_by_module: dict[str, list[_Factors]], rank: int | None) -> int:
     if rank is not None:
         if rank < 1:
-            raise BlendError(f"rank must be >= 1, not {rank}.")
+            raise BlendError(f"rank must be >= 1, not {rank}.\n  fix: pass --rank 1 or more.")
         return rank
     return max(f.rank for fs in fs_by_module.values() for f in fs)
 
@@ -364,7 +369,7 @@ def _task_kernel(deltas: list[torch.Tensor], weights: list[float], *, density: f
     import torch
 
     if not 0.0 < density <= 1.0:
-        raise BlendError(f"density must be in (0, 1], not {density}.")
+        raise BlendError(f"density must be in (0, 1], not {density}.\n  fix: pass --density between 0 and 1.")
     pruned = []
     for d in deltas:
         if prune == "magnitude" and density < 1.0:
@@ -403,7 +408,7 @@ def _dense_method(name: str) -> Callable[..., Adapter]:
         import torch
 
         if majority_sign_method not in ("total", "frequency"):
-            raise BlendError("majority_sign_method must be 'total' or 'frequency'.")
+            raise BlendError("majority_sign_method must be 'total' or 'frequency'.\n  fix: pass one of them.")
         modules, roles, dtypes = _lora_modules(adapters, weights)
         k = _default_rank(modules, rank)
         generator = torch.Generator().manual_seed(seed)
@@ -544,18 +549,20 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, m
     spec = METHODS[method]
     adapters = list(adapters)
     if not adapters:
-        raise BlendError("blend needs at least one adapter.")
+        raise BlendError("blend needs at least one adapter.\n  fix: give one or more adapters.")
     if weights is not None and any(isinstance(w, bool) for w in weights):
-        raise BlendError(f"weights must be numbers, not booleans ({list(weights)}).")
+        raise BlendError(f"weights must be numbers, not booleans ({list(weights)}).\n  fix: give numbers, e.g. "
+                         "0.7, 0.3.")
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     if len(weights) != len(adapters):
-        raise BlendError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s); give one weight per adapter.")
+        raise BlendError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s).\n  fix: give one weight per "
+                         "adapter.")
     if not all(math.isfinite(w) for w in weights):
-        raise BlendError("weights must be finite numbers.")
+        raise BlendError("weights must be finite numbers.\n  fix: give numbers such as 0.7, 0.3.")
     options = spec.validate(options)
     kind = adapters[0].kind
     if kind not in spec.kinds:
-        raise BlendError(f"method {method!r} does not blend {kind} adapters; for {kind} use: "
+        raise BlendError(f"method {method!r} does not blend {kind} adapters.\n  fix: for {kind} use: "
                          f"{', '.join(sorted(n for n, m in METHODS.items() if kind in m.kinds))}.")
     check_composable(adapters, mode="blend", names=labels).raise_for_errors()
     _inputs_finite(adapters, labels)
@@ -596,4 +603,5 @@ def stack(adapters: Sequence[Adapter], *, labels: Sequence[str] | None = None) -
                           num_kv_heads=s.num_kv_heads, token_dim=s.token_dim, layout="peft")
         return Adapter(kind="prefix", spec=spec, tensors=Tensors({"prompt_embeddings": values.contiguous()}),
                        base=_base(adapters), extra={"blend": {"method": "stack"}})
-    raise BlendError("bottleneck adapters stack sequentially and only at run time; blend them instead.")
+    raise BlendError("bottleneck adapters stack sequentially and only at run time.\n  fix: blend them instead, or "
+                     "attach a Stack at run time (adapterhub.attach).")

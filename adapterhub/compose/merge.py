@@ -64,7 +64,8 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[Adapter], weights: Seque
     adapters = list(adapters)
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     if len(weights) != len(adapters):
-        raise MergeError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s).")
+        raise MergeError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s).\n  fix: give one weight per "
+                         "adapter.")
     plan = MergePlan(adapters, weights)
     for i, a in enumerate(adapters):
         label = str(a.source or a.name or f"adapter #{i}")
@@ -74,7 +75,8 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[Adapter], weights: Seque
                              "  fix: serve it as an adapter (PEFT / the `adapters` library), or export with "
                              "--keep-unmerged to write it beside the merged checkpoint.")
         if a.kind == "ia3" and weights[i] != 1.0:
-            raise MergeError(f"{label}: an IA3 adapter folds as a product; weight it with blend() first.")
+            raise MergeError(f"{label}: an IA3 adapter folds as a product, so it takes no weight.\n  fix: fold it "
+                             "with weight 1, or blend it first (export --method linear; Python: blend()).")
         ensure_finite(a, label=label)
         report = check_adapter(a, base, subject=label, strict_identity=strict_identity, scan_values=False)
         report.raise_for_errors()
@@ -92,22 +94,25 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[Adapter], weights: Seque
             if "lora_magnitude_vector" in names:
                 role = "dora"
                 if a.spec.fan_in_fan_out:
-                    raise MergeError(f"{label}: DoRA with fan_in_fan_out cannot be folded yet.")
+                    raise MergeError(f"{label}: DoRA with fan_in_fan_out cannot be folded yet.\n  fix: merge it with "
+                                     "PEFT (merge_and_unload).")
             plan.folds.setdefault(target, []).append(Fold(i, m, weights[i], role))
             if "lora_B.bias" in names:
                 bias = target[: -len(".weight")] + ".bias"
                 if bias not in base.tensors:
-                    raise MergeError(f"{label}: {m} has a LoRA bias but the base has no {bias} to fold it into.")
+                    raise MergeError(f"{label}: {m} has a LoRA bias but the base has no {bias} to fold it into.\n"
+                                     "  fix: use the base the adapter was trained on (PEFT refuses this merge too).")
                 plan.folds.setdefault(bias, []).append(Fold(i, m, weights[i], "lora_bias"))
         for name in a.carried():
             plan.folds.setdefault(report.resolved[name], []).append(Fold(i, name, weights[i], "replace"))
     for target, folds in plan.folds.items():
         if any(f.role == "dora" for f in folds) and len(folds) > 1:
             raise MergeError(f"{target}: a DoRA adapter renormalises the whole weight; it cannot be folded together "
-                             "with other adapters on the same module.")
+                             "with other adapters on the same module.\n  fix: export the DoRA adapter alone, then "
+                             "export the others onto that checkpoint.")
         if sum(f.role == "replace" for f in folds) > 1:
-            raise MergeError(f"{target}: two adapters carry a full copy of it (modules_to_save); merge them "
-                             "separately.")
+            raise MergeError(f"{target}: two adapters carry a full copy of it (modules_to_save).\n  fix: export "
+                             "them one after the other (the second onto the first's checkpoint).")
         # a carried copy (e.g. PEFT's saved embedding base layer) replaces the weight before deltas apply;
         # LoRA deltas add before IA3 vectors scale, whatever order the adapters came in
         folds.sort(key=lambda f: _FOLD_ORDER[f.role])
@@ -286,7 +291,8 @@ def _fold_general(name: str, weight: torch.Tensor, plan: MergePlan, folds: list[
             w.add_(t[names["lora_B.bias"]].to(torch.float32), alpha=a.spec.scale(f.module) * f.weight)
             continue
         if w.dim() != 2:
-            raise MergeError(f"{name}: folding LoRA into a {w.dim()}-d weight (convolution) is not supported.")
+            raise MergeError(f"{name}: folding LoRA into a {w.dim()}-d weight (convolution) is not supported.\n"
+                             "  fix: merge it with PEFT (merge_and_unload).")
         pending.append(f)
         if f.role == "dora":
             flush()

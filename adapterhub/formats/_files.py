@@ -31,7 +31,7 @@ from adapterhub.errors import (
     UnsafeLinkError,
     storage_error,
 )
-from adapterhub.paths import check_output, dir_mode, shown
+from adapterhub.paths import check_output, check_replaceable, dir_mode, remove_dead_leftovers, shown, writer_tag
 from adapterhub.tensorfile import TensorInfo, read_header
 
 if TYPE_CHECKING:
@@ -110,7 +110,8 @@ def parse_json_bytes(raw: bytes | str, path: Path, what: str = "") -> Any:
     try:
         return _json.loads(raw)
     except UnicodeDecodeError as e:
-        raise CorruptFileError(f"{path} is not UTF-8 text: {e}", path=path) from e
+        raise CorruptFileError(f"{path} is not UTF-8 text: {e}\n  fix: restore the file from its source.",
+                               path=path) from e
     except json.JSONDecodeError as e:
         raise CorruptFileError(
             f"{path}{what} is not valid JSON ({e}).\n  fix: restore the file from the adapter's source.", path=path
@@ -134,7 +135,8 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         confined(path)
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
-            raise CorruptFileError(f"{path} is not a regular file.", path=path)
+            raise CorruptFileError(f"{path} is not a regular file.\n  fix: put the file itself there (a FIFO or "
+                                   "device is never read).", path=path)
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_JSON_BYTES:
@@ -143,16 +145,19 @@ def read_json(path: Path) -> dict[str, Any]:
                     "have.\n  fix: pass the adapter's own config file; this one is damaged or hostile.", path=path)
             raw = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError as e:
-        raise MissingFileError(f"{path} does not exist.", path=path) from e
+        raise MissingFileError(f"{path} does not exist.\n  fix: check the path, or restore the file.", path=path) from e
     except IsADirectoryError as e:
-        raise CorruptFileError(f"{path} is a directory, not a JSON file.", path=path) from e
+        raise CorruptFileError(f"{path} is a directory, not a JSON file.\n  fix: put the JSON file there instead.",
+                               path=path) from e
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CorruptFileError(f"{path} is not UTF-8 text: {e}", path=path) from e
+        raise CorruptFileError(f"{path} is not UTF-8 text: {e}\n  fix: restore the file from its source.",
+                               path=path) from e
     data = parse_json_bytes(text, path)
     if not isinstance(data, dict):
-        raise CorruptFileError(f"{path} must hold a JSON object, not {type(data).__name__}.", path=path)
+        raise CorruptFileError(f"{path} must hold a JSON object, not {type(data).__name__}.\n  fix: restore the file "
+                               "from its source (a config is a JSON object, {...}).", path=path)
     return data
 
 
@@ -188,7 +193,8 @@ def load_weights(
             return _load_pickle(pk), {}
     raise MissingFileError(
         f"{directory} has no weights file: expected {safetensors_name}"
-        + (f" (or, with --allow-pickle, {' / '.join(pickle_names)})" if pickle_names else "") + ".",
+        + (f" (or, with --allow-pickle, {' / '.join(pickle_names)})" if pickle_names else "")
+        + ".\n  fix: copy the adapter's weights file into the directory (save_pretrained writes it).",
         path=directory / safetensors_name)
 
 
@@ -206,20 +212,23 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
             "with full pickle support. Re-export it as safetensors.", path=path) from e
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                              for k, v in data.items()):
-        raise CorruptFileError(f"{path} does not hold a flat name -> tensor dict.", path=path)
+        raise CorruptFileError(f"{path} does not hold a flat name -> tensor dict.\n  fix: re-export the adapter as "
+                               "safetensors.", path=path)
     return data
 
 
 def check_directory_target(target: str | Path, *, overwrite: bool = False) -> Path:
     """What :func:`atomic_directory` checks before it creates anything (call it early to fail before
     long work): the output-path guard (:func:`adapterhub.paths.check_output`), and an existing
-    non-empty ``target`` only with ``overwrite``.
+    non-empty ``target`` only with ``overwrite`` and only if adapterhub could have written it
+    (:func:`adapterhub.paths.check_replaceable`: an adapter or model directory, or a link).
 
     Raises:
-        OutputPathError: the guard refused the path, or it is a file.
+        OutputPathError: the guard refused the path, it is a file, or it is a directory ``overwrite``
+            may not replace (no adapter or model in it, a git work tree, a system folder).
         FormatError: it exists and is not empty, and ``overwrite`` is false.
     """
-    target = check_output(target, replace=overwrite)
+    target = check_output(target)
     try:
         if target.exists() and not target.is_dir():
             raise OutputPathError(f"{shown(target)} is a file, not a directory; adapterhub writes a directory there.\n"
@@ -231,6 +240,8 @@ def check_directory_target(target: str | Path, *, overwrite: bool = False) -> Pa
         raise FormatError(
             f"{target} already exists and is not empty.\n  fix: choose a new directory, or pass "
             "overwrite=True (CLI: --force) to replace it.", path=target)
+    if occupied:  # only a directory adapterhub could have written, and never one holding a registry
+        check_replaceable(target)
     return target
 
 
@@ -247,7 +258,8 @@ def atomic_directory(target: Path, *, overwrite: bool = False) -> Iterator[Path]
     target = check_directory_target(target, overwrite=overwrite)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        remove_dead_leftovers(target.parent)  # what killed runs left beside their outputs
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{writer_tag()}.", suffix=".tmp", dir=target.parent))
     except OSError as e:
         raise storage_error(e, f"creating {target}", str(target.parent)) from e
     try:
@@ -265,7 +277,7 @@ def atomic_directory(target: Path, *, overwrite: bool = False) -> Iterator[Path]
                     os.fsync(f.fileno())
         os.chmod(tmp, dmode)
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            old = target.with_name(f".{target.name}.old-{writer_tag()}.tmp")
             os.replace(target, old)
             os.replace(tmp, target)
             if old.is_symlink():  # the target was a link to a directory: the link is replaced, not what it names

@@ -13,7 +13,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from adapterhub.adapter import Adapter, BaseModelRef, BottleneckSpec, LoraSpec, PrefixSpec, Tensors, check_number
+from adapterhub.adapter import (
+    Adapter,
+    BaseModelRef,
+    BottleneckSpec,
+    LoraSpec,
+    PrefixSpec,
+    Tensors,
+    check_layout,
+    check_number,
+)
 from adapterhub.errors import CorruptFileError, InvalidValueError, UnsupportedAdapterError
 from adapterhub.formats._files import atomic_directory, dump_json, load_weights, read_json
 from adapterhub.tensorfile import save_tensors
@@ -22,6 +31,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 PICKLE_NAMES = ("pytorch_adapter.bin",)
 LIBRARY_VERSION = "adapters.1.3.0"
+KEEP_PEFT = "\n  fix: keep this adapter in PEFT format (--format peft), which PEFT and vLLM load."
 
 # container segment -> how the adapter's name follows it in a key
 _NAME_AFTER = re.compile(r"(^|\.)(loras|adapters|prefix_tunings)\.([^.]+)\.")
@@ -66,19 +76,22 @@ def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     path = Path(path)
     doc = read_json(path / CONFIG_NAME)
     if not is_adapters_config(doc):
-        raise CorruptFileError(f"{path / CONFIG_NAME} is not an `adapters` library config.", path=path)
+        raise CorruptFileError(f"{path / CONFIG_NAME} is not an `adapters` library config.\n  fix: pass a directory "
+                               "saved by the `adapters` library (model.save_adapter).", path=path)
     config = doc["config"]
     name = doc.get("name")
     arch = architecture_of(config)
     entries, _ = load_weights(path, WEIGHTS_NAME, PICKLE_NAMES, allow_pickle=allow_pickle)
     tensors: dict[str, Any] = {}
     for key, entry in entries.items():
-        canonical = _to_canonical(key, name)
+        canonical = _to_canonical(key, name, path)
         if canonical is None:
             continue  # a duplicate alias the library saves for prefix tuning (``<layer>.prefix_tuning.pool``)
         tensors[canonical] = entry
     if not tensors:
-        raise CorruptFileError(f"{path}: no adapter tensors named after adapter '{name}'.", path=path)
+        raise CorruptFileError(f"{path}: no adapter tensors named after adapter '{name}'.\n  fix: the config's 'name' "
+                               "must be the name the weights were saved under; save the adapter again with the "
+                               "`adapters` library.", path=path)
     model_class, model_type = doc.get("model_class"), doc.get("model_type")
     base = BaseModelRef(name_or_path=doc.get("model_name"),
                         model_type=model_type if isinstance(model_type, str) else None,
@@ -92,16 +105,20 @@ def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
         e.args = (with_fix(f"{path / CONFIG_NAME}: {e}"),)
         e.path = path / CONFIG_NAME
         raise
-    return Adapter(kind=kind, spec=spec, tensors=view, base=base, name=name,
-                   extra={"adapters": doc}, source=path)
+    adapter = Adapter(kind=kind, spec=spec, tensors=view, base=base, name=name, extra={"adapters": doc}, source=path)
+    check_layout(adapter)
+    return adapter
 
 
-def _to_canonical(key: str, name: str | None) -> str | None:
+def _to_canonical(key: str, name: str | None, path: Path | None = None) -> str | None:
     if ".prefix_tuning.pool." in key:
         return None
     m = _NAME_AFTER.search(key)
     if m is None or (name is not None and m.group(3) != name):
-        raise CorruptFileError(f"tensor '{key}' does not name adapter '{name}' where the library puts it.")
+        raise CorruptFileError(
+            f"{path or 'the weights'}: tensor '{key}' does not name adapter '{name}' where the library puts it.\n"
+            "  fix: the config's 'name' must be the name the weights were saved under; save the adapter again with "
+            "the `adapters` library.", path=path)
     container = m.group(2)
     head, tail = key[: m.start()], key[m.end():]
     lead = m.group(1)
@@ -116,7 +133,8 @@ def _to_library(canonical: str, name: str, kind: str) -> str:
         return f"{module}.loras.{name}.{param}"
     m = re.search(r"(^|\.)(adapters|prefix_tunings)\.", canonical)
     if m is None:
-        raise UnsupportedAdapterError(f"tensor '{canonical}' has no place in an `adapters` library checkpoint.")
+        raise UnsupportedAdapterError(f"tensor '{canonical}' has no place in an `adapters` library checkpoint."
+                                      + KEEP_PEFT)
     return f"{canonical[: m.end()]}{name}.{canonical[m.end():]}"
 
 
@@ -125,11 +143,12 @@ def _spec(arch: str, config: dict[str, Any], doc: dict[str, Any], t: Tensors, pa
         for key, what in (("use_gating", "gated LoRA"), ("use_dora", "DoRA"), ("vera_d", "VeRA"),
                           ("vera_b", "VeRA")):
             if config.get(key):
-                raise UnsupportedAdapterError(f"{path}: {what} adapters are not supported.", path=path)
+                raise UnsupportedAdapterError(f"{path}: {what} adapters are not supported.\n  fix: merge it with the "
+                                              "`adapters` library (merge_adapter) instead.", path=path)
         if config.get("composition_mode", "add") != "add":
             raise UnsupportedAdapterError(
                 f"{path}: LoRA with composition_mode={config.get('composition_mode')!r} ((IA)^3 in the `adapters` "
-                "library) is not supported; use a PEFT IA3 adapter.", path=path)
+                "library) is not supported.\n  fix: use a PEFT IA3 adapter.", path=path)
         return "lora", LoraSpec(r=check_number("r", config.get("r"), integer=True, minimum=1),
                                 alpha=check_number("alpha", config.get("alpha", 8)))
     if arch == "prefix_tuning":
@@ -144,19 +163,21 @@ def _spec(arch: str, config: dict[str, Any], doc: dict[str, Any], t: Tensors, pa
         if len(names) != 1:
             raise UnsupportedAdapterError(
                 f"{path}: prefix tuning with {len(names)} prefix groups (encoder-decoder cross prefixes) is not "
-                "supported; adapterhub reads one self-attention prefix.", path=path)
+                "supported; adapterhub reads one self-attention prefix.\n  fix: use the `adapters` library itself "
+                "for this adapter.", path=path)
         return "prefix", PrefixSpec(num_virtual_tokens=length, width=widths.pop(),
                                     layout="adapters_flat" if flat else "adapters_mlp")
     if arch in ("seq_bn", "double_seq_bn", "par_bn", "bottleneck"):
         if config.get("phm_layer") or config.get("inv_adapter") or config.get("use_gating"):
             raise UnsupportedAdapterError(
-                f"{path}: bottleneck adapters with PHM layers, invertible adapters or gating are not supported.",
-                path=path)
+                f"{path}: bottleneck adapters with PHM layers, invertible adapters or gating are not supported.\n"
+                "  fix: use the `adapters` library itself for this adapter.", path=path)
         return "bottleneck", BottleneckSpec(architecture=arch, config=dict(config),
                                             hidden_size=doc.get("hidden_size"))
     raise UnsupportedAdapterError(
         f"{path}: `adapters` library architecture {arch!r} is not supported; adapterhub reads bottleneck "
-        "adapters (seq_bn, double_seq_bn, par_bn), lora and prefix_tuning.", path=path)
+        "adapters (seq_bn, double_seq_bn, par_bn), lora and prefix_tuning.\n  fix: use the `adapters` library "
+        "itself for this adapter.", path=path)
 
 
 # --- prefix conversion -----------------------------------------------------------------------------
@@ -216,7 +237,7 @@ def document_for(adapter: Adapter, *, name: str | None = None, model_class: str 
     doc = dict(adapter.extra.get("adapters") or {})
     name = name or adapter.name or doc.get("name") or "adapter"
     if adapter.kind == "ia3":
-        raise UnsupportedAdapterError("IA3 adapters are written in PEFT format only (format='peft').")
+        raise UnsupportedAdapterError("IA3 adapters are written in PEFT format only." + KEEP_PEFT)
     if not doc:
         doc = {"config": _config_for(adapter), "version": LIBRARY_VERSION}
     doc["name"] = name
@@ -245,13 +266,13 @@ def _config_for(adapter: Adapter) -> dict[str, Any]:
     if len(ranks) != 1 or len(scales) != 1:
         raise UnsupportedAdapterError(
             "the `adapters` library gives every LoRA module one r and alpha; this adapter has ranks "
-            f"{sorted(ranks)} and scales {sorted(scales)} (rank_pattern/alpha_pattern). Keep it in PEFT format.")
+            f"{sorted(ranks)} and scales {sorted(scales)} (rank_pattern/alpha_pattern)." + KEEP_PEFT)
     if spec.use_dora or spec.lora_bias or adapter.carried() or spec.fan_in_fan_out:
         raise UnsupportedAdapterError(
-            "DoRA, LoRA bias, fan_in_fan_out and modules_to_save have no `adapters` library LoRA equivalent; "
-            "keep this adapter in PEFT format.")
+            "DoRA, LoRA bias, fan_in_fan_out and modules_to_save have no `adapters` library LoRA equivalent."
+            + KEEP_PEFT)
     if any("lora_embedding_A" in adapter.module_tensors(m) for m in mods):
-        raise UnsupportedAdapterError("embedding LoRA has no `adapters` library equivalent; keep it in PEFT format.")
+        raise UnsupportedAdapterError("embedding LoRA has no `adapters` library equivalent." + KEEP_PEFT)
     (r,) = ranks
     (scale,) = scales
     attn, intermediate, output = set(), False, False
@@ -266,7 +287,7 @@ def _config_for(adapter: Adapter) -> dict[str, Any]:
         else:
             raise UnsupportedAdapterError(
                 f"module '{m}' is not one the `adapters` library places LoRA on (attention q/k/v, the feed-forward "
-                "up and down projections); keep this adapter in PEFT format.")
+                "up and down projections)." + KEEP_PEFT)
     # the library's scale is alpha / r: pick alpha so that it equals this adapter's (rsLoRA included)
     alpha = spec.alpha if not spec.use_rslora else scale * r
     return {

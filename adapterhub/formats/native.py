@@ -10,7 +10,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from adapterhub.adapter import SPEC_TYPES, Adapter, BaseModelRef, Spec, Tensors
+from adapterhub.adapter import SPEC_TYPES, Adapter, BaseModelRef, Spec, Tensors, check_layout
 from adapterhub.errors import CorruptFileError, InvalidValueError
 from adapterhub.formats._files import atomic_directory, dump_json, load_weights, read_json
 from adapterhub.formats.peft import with_fix
@@ -68,10 +68,13 @@ def read(path: str | Path) -> Adapter:
         e.path = path / CONFIG_NAME
         raise
     except (KeyError, TypeError, ValueError) as e:
-        raise CorruptFileError(f"{path / CONFIG_NAME}: invalid document ({e}).", path=path) from e
+        raise CorruptFileError(f"{path / CONFIG_NAME}: invalid document ({e}).\n  fix: restore the directory from "
+                               "where it was written (pull it again, or rerun the blend).", path=path) from e
     entries, _ = load_weights(path, WEIGHTS_NAME, (), allow_pickle=False)
-    return Adapter(kind=kind, spec=spec, tensors=Tensors(entries), base=base, name=doc.get("name"),
-                   extra=doc.get("extra") or {}, source=path)
+    adapter = Adapter(kind=kind, spec=spec, tensors=Tensors(entries), base=base, name=doc.get("name"),
+                      extra=doc.get("extra") or {}, source=path)
+    check_layout(adapter)
+    return adapter
 
 
 def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False) -> Path:

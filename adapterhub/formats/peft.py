@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub import _json
-from adapterhub.adapter import Adapter, BaseModelRef, Tensors, split_name
+from adapterhub.adapter import Adapter, BaseModelRef, Tensors, check_layout, split_name
 from adapterhub.errors import CorruptFileError, InvalidValueError, UnsupportedAdapterError
 from adapterhub.formats import peft_config
 from adapterhub.formats._files import atomic_directory, dump_json, load_weights, read_json
@@ -53,11 +53,19 @@ def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     if kind is None:
         raise UnsupportedAdapterError(
             f"{path}: PEFT type {peft_type!r} is not supported; adapterhub reads "
-            f"{', '.join(PEFT_TYPES)}.", path=path)
+            f"{', '.join(PEFT_TYPES)}.\n  fix: merge this adapter with PEFT (merge_and_unload), or use a LoRA, IA3 or "
+            "prefix-tuning adapter.", path=path)
     entries, metadata = load_weights(path, WEIGHTS_NAME, PICKLE_NAMES, allow_pickle=allow_pickle)
+    stray = sorted(k for k in entries if not k.startswith(PREFIX)) if kind != "prefix" else []
+    if stray:  # PEFT matches weights to its modules by the full name: these match none and are dropped
+        raise CorruptFileError(
+            f"{path}: {len(stray)} of {len(entries)} weight(s) lack PEFT's '{PREFIX}' name prefix (e.g. '{stray[0]}'); "
+            "PEFT loads none of them, so the adapter would apply nothing there.\n  fix: save the adapter with PEFT's "
+            f"save_pretrained, or rename each weight to '{PREFIX}<name>'.", path=path)
     tensors = {_to_canonical(kind, k): v for k, v in entries.items()}
     if len(tensors) != len(entries):
-        raise CorruptFileError(f"{path / WEIGHTS_NAME}: two tensor names map to the same module.", path=path)
+        raise CorruptFileError(f"{path / WEIGHTS_NAME}: two tensor names map to the same module.\n  fix: save the "
+                               "adapter again with PEFT's save_pretrained.", path=path)
     shapes = {n: tuple(v.shape) for n, v in tensors.items()}
     try:
         found = peft_config.interpret(str(peft_type), config, shapes, lambda n: split_name(kind, n))
@@ -91,6 +99,7 @@ def read(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     kept = {n: v for n, v in tensors.items() if n not in found.ignored}
     adapter = Adapter(kind=kind, spec=found.spec, tensors=Tensors(kept), base=base, extra=extra, source=path)
     _check_pairs(adapter, path)
+    check_layout(adapter)
     if adapter.kind == "lora" and adapter.spec.use_dora:
         _check_dora(adapter, path)
     return adapter
@@ -140,30 +149,23 @@ def _to_peft(kind: str, name: str) -> str:
 def _check_pairs(adapter: Adapter, path: Path) -> None:
     if adapter.kind == "prefix":
         if "prompt_embeddings" not in adapter.tensors:
-            raise CorruptFileError(f"{path}: a prefix-tuning adapter needs a 'prompt_embeddings' tensor.", path=path)
+            raise CorruptFileError(f"{path}: a prefix-tuning adapter needs a 'prompt_embeddings' tensor.\n  fix: the "
+                                   "weights file is incomplete; re-export the adapter.", path=path)
         return
-    if adapter.kind != "lora":
-        return
-    for m in adapter.modules():
-        roles = adapter.module_tensors(m)
-        for a, b in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
-            if (a in roles) != (b in roles):
-                have, miss = (a, b) if a in roles else (b, a)
-                raise CorruptFileError(
-                    f"{path}: module '{m}' has {have} but no {miss}.\n  fix: the weights file is incomplete; "
-                    "re-export the adapter.", path=path)
+    # LoRA pairs and shapes: adapterhub.adapter.check_layout
 
 
 def config_for(adapter: Adapter) -> dict[str, Any]:
     """The PEFT ``adapter_config.json`` content for an adapter (its original one updated from the spec)."""
     if adapter.kind == "bottleneck":
         raise UnsupportedAdapterError(
-            "PEFT has no bottleneck adapters; write this adapter in the `adapters` library format instead "
-            "(format='adapters').")
+            "PEFT has no bottleneck adapters.\n  fix: write this adapter in the `adapters` library format instead "
+            "(--format adapters).")
     if adapter.kind == "prefix" and adapter.spec.layout != "peft":
         raise UnsupportedAdapterError(
             f"this prefix-tuning adapter is stored in the `adapters` library's '{adapter.spec.layout}' layout; "
-            "convert it with adapterhub.formats.adapters_lib.prefix_to_peft() (CLI: pass --base) first.")
+            "PEFT cannot read that layout.\n  fix: convert it with adapterhub.formats.adapters_lib.prefix_to_peft() "
+            "first (CLI: pass --base).")
     config = dict(adapter.extra.get("peft") or {})
     peft_type = {v: k for k, v in PEFT_TYPES.items()}[adapter.kind]
     if config.get("peft_type") != peft_type:

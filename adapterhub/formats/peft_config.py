@@ -349,7 +349,16 @@ def interpret(peft_type: str, config: Mapping[str, Any], tensors: Mapping[str, t
         owner = s[0] if s else next((m for m in modules if name.startswith(f"{m}.base_layer.")), None)
         if owner is not None and owner not in applied:
             ignored[name] = why
+    if isinstance(spec, LoraSpec):  # a variant's tensors the config switches off: PEFT has no parameter for them
+        for name in tensors:
+            role = (module_of(name) or ("", ""))[1]
+            if name not in ignored and (flag := _VARIANT_TENSORS.get(role)) and not getattr(spec, flag):
+                ignored[name] = f"{flag} is false: PEFT creates no {role} and ignores this weight"
     return Interpretation(spec, ignored)
+
+
+#: LoRA tensor roles that exist only when a config flag is on (PEFT drops them as unexpected keys otherwise)
+_VARIANT_TENSORS = {"lora_magnitude_vector": "use_dora", "lora_B.bias": "lora_bias"}
 
 
 def _lora(c: Mapping[str, Any], target: tuple[str, ...] | str | None) -> LoraSpec:

@@ -113,6 +113,9 @@ def select_files(directory: str | Path, fmt: str, *, include: tuple[str, ...] | 
         if kind == "special":
             left.append(LeftOut(rel, "not a regular file"))
             continue
+        if kind == "broken":
+            left.append(LeftOut(rel, "broken symbolic link"))
+            continue
         hidden = any(part.startswith(".") for part in rel.split("/"))
         if is_adapter_file(rel, fmt, allow_pickle=allow_pickle) and not hidden:
             wanted = True
@@ -136,13 +139,15 @@ def select_files(directory: str | Path, fmt: str, *, include: tuple[str, ...] | 
         confined(root / rel, root)
         files.append(rel)
     if not files:
-        raise RegistryError(f"{root} has no files to push.")
+        raise RegistryError(f"{root} has no files to push.\n  fix: pass the adapter's directory (the one holding "
+                            "adapter_config.json).")
     return Selection(tuple(sorted(files)), tuple(_fold_dirs(left, files)))
 
 
 def _entries(root: Path) -> list[tuple[str, str]]:
-    """(relative path, "file" | "dirlink" | "hiddendir" | "special") below ``root``, sorted; links to files
-    count as files; hidden and linked directories are not entered."""
+    """(relative path, "file" | "dirlink" | "hiddendir" | "special" | "broken") below ``root``, sorted; links to
+    files count as files, links to nothing (or looping) are "broken"; hidden and linked directories are not
+    entered."""
     out: list[tuple[str, str]] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         base = Path(dirpath)
@@ -159,7 +164,7 @@ def _entries(root: Path) -> list[tuple[str, str]]:
             p = base / f
             rel = p.relative_to(root).as_posix()
             if p.is_symlink() and not p.exists():
-                out.append((rel, "file"))  # dangling: refused if stored, listed if not
+                out.append((rel, "broken"))  # a link to nothing (or a loop): nothing to store
             elif p.is_file():
                 out.append((rel, "file"))
             else:

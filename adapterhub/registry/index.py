@@ -124,9 +124,18 @@ class Index:
                 self.db = sqlite3.connect(":memory:", isolation_level=None)
         else:
             fresh = not self.path.exists()
-            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self.db = self._connect()
+            except sqlite3.DatabaseError as e:
+                if isinstance(e, sqlite3.OperationalError):  # locked, disk full, I/O: not the file's fault
+                    raise
+                # not a database, or a malformed one: derived data, so it is dropped and rebuilt
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+                self.db, fresh = self._connect(), True
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not fresh and not set(_DERIVED_TABLES) <= tables and "meta" in tables:
+            self.db.execute("DELETE FROM meta WHERE key='index_version'")  # a table dropped by hand: rebuild all
         if not fresh and self._meta_safe("index_version") != INDEX_VERSION:
             # an older layout: derived tables are dropped and rebuilt; verified stamps stay
             for table in _DERIVED_TABLES:
@@ -134,6 +143,17 @@ class Index:
             fresh = True
         self.db.executescript(SCHEMA)
         self.needs_rebuild = fresh or self._meta("index_version") != INDEX_VERSION
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")  # reads the header: "file is not a database" shows here
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # and a malformed schema here
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db
 
     @staticmethod
     def _memory_copy(path: Path) -> sqlite3.Connection | None:

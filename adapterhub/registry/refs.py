@@ -25,20 +25,29 @@ _WORD_TAGS = frozenset({"true", "false", "null"})
 
 def _check_part(part: str, what: str, whole: str) -> str:
     if not _PART.fullmatch(part) or ".." in part:
-        shown = part if part.isascii() else part.encode("unicode_escape").decode()
+        shown = _short(part if part.isascii() else part.encode("unicode_escape").decode())
+        suggest = re.sub(r"\.{2,}", ".", re.sub(r"[^a-z0-9._-]+", "-", part.lower())).strip("-._")[:64] or "adapter"
         raise InvalidReferenceError(
-            f"invalid {what} {shown!r} in {whole!r}: use lower-case letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit, at most 64 characters, no '..'.", ref=whole)
+            f"invalid {what} {shown!r} in {_short(whole)!r}: use lower-case letters, digits, '.', '_' and '-', "
+            f"starting with a letter or digit, at most 64 characters, no '..'.\n  fix: write it as e.g. {suggest!r}.",
+            ref=whole)
     return part
+
+
+def _short(text: str) -> str:
+    """``text`` cut for a message (a 5,000-character name must not flood the terminal)."""
+    return text if len(text) <= 80 else f"{text[:60]}...({len(text)} characters)"
 
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid adapter name (``namespace/name`` or ``name``)."""
     if not isinstance(name, str) or not name:
-        raise InvalidReferenceError("an adapter name cannot be empty.", ref=str(name))
+        raise InvalidReferenceError("an adapter name cannot be empty.\n  fix: give a name such as team/sentiment.",
+                                    ref=str(name))
     parts = name.split("/")
     if len(parts) > 2:
-        raise InvalidReferenceError(f"invalid name {name!r}: at most one '/' (namespace/name).", ref=name)
+        raise InvalidReferenceError(f"invalid name {_short(name)!r}: at most one '/' (namespace/name).\n  fix: join "
+                                    "the rest with '-', e.g. team/project-sentiment.", ref=name)
     for p in parts:
         _check_part(p, "name part", name)
     return name
@@ -105,8 +114,8 @@ def parse_ref(text: str) -> Ref:
         InvalidReferenceError: for anything else, before any file is touched.
     """
     if not isinstance(text, str) or not text.strip():
-        raise InvalidReferenceError("a reference cannot be empty; use NAME, NAME@VERSION, NAME@TAG or "
-                                    "NAME@sha256:HEX.", ref=str(text))
+        raise InvalidReferenceError("a reference cannot be empty.\n  fix: use NAME, NAME@VERSION, NAME@TAG or "
+                                    "NAME@sha256:HEX (`adapterhub list` shows them).", ref=str(text))
     name, sep, rest = text.partition("@")
     check_name(name)
     if not sep:
@@ -114,11 +123,13 @@ def parse_ref(text: str) -> Ref:
     if rest.startswith("sha256:"):
         if not _DIGEST.fullmatch(rest):
             raise InvalidReferenceError(
-                f"invalid digest in {text!r}: expected sha256: and {MIN_DIGEST_PREFIX} to 64 lower-case hex "
-                f"digits (a unique prefix of at least {MIN_DIGEST_PREFIX} digits is enough).", ref=text)
+                f"invalid digest in {_short(text)!r}: expected sha256: and {MIN_DIGEST_PREFIX} to 64 lower-case hex "
+                f"digits.\n  fix: copy it from `adapterhub list {name} --json` (a unique prefix of at least "
+                f"{MIN_DIGEST_PREFIX} digits is enough).", ref=text)
         return Ref(name=name, digest=rest)
     if "@" in rest:
-        raise InvalidReferenceError(f"invalid reference {text!r}: one '@' at most.", ref=text)
+        raise InvalidReferenceError(f"invalid reference {_short(text)!r}: one '@' at most.\n  fix: write NAME@VERSION "
+                                    "or NAME@TAG.", ref=text)
     return Ref(name=name, label=check_label(rest, "version or tag"))
 
 
@@ -129,5 +140,6 @@ def check_target(target: str) -> tuple[str, str | None]:
     if sep:
         check_label(version, "version")
         if version == LATEST or version.startswith("sha256"):
-            raise InvalidReferenceError(f"'{version}' cannot be a version name.", ref=target)
+            raise InvalidReferenceError(f"'{version}' cannot be a version name.\n  fix: push without @VERSION to get "
+                                        "the next number, or choose another version.", ref=target)
     return name, version or None

@@ -280,7 +280,8 @@ class Registry:
                 if not isinstance(doc, dict) or (doc.get("format"), doc.get("version")) != (FORMAT_NAME,
                                                                                            FORMAT_VERSION):
                     raise RegistryError(f"{where} is a registry of format {doc!r}; this adapterhub reads "
-                                        f"{FORMAT_NAME} v{FORMAT_VERSION}.")
+                                        f"{FORMAT_NAME} v{FORMAT_VERSION}.\n  fix: use the adapterhub version that "
+                                        "made it, or another --registry path.")
                 return
             if self.store.foreign_entries():
                 raise RegistryError(f"{where} exists, is not empty and is not an adapterhub registry.\n"
@@ -567,8 +568,8 @@ class Registry:
         if label in tags:
             return Resolved(r.name, tags[label], versions[tags[label]])
         raise NotFoundError(f"'{r.name}' has no version or tag '{label}' (versions: "
-                            f"{', '.join(sorted(versions, key=_version_key))}; tags: {', '.join(sorted(tags))}).",
-                            ref=str(r))
+                            f"{', '.join(sorted(versions, key=_version_key))}; tags: {', '.join(sorted(tags))}).\n"
+                            f"  fix: use one of them, e.g. {r.name}@{max(versions, key=_version_key)}.", ref=str(r))
 
     def manifest(self, ref: str | Ref) -> dict[str, Any]:
         """The manifest of the version a reference names (hash-checked)."""
@@ -704,7 +705,7 @@ class Registry:
                 repaired.append(rel)
             files.append({"path": rel, "sha256": put.digest.removeprefix("sha256:"), "size": put.size})
         if not files:
-            raise RegistryError(f"{src_dir} has no files to push.")
+            raise RegistryError(f"{src_dir} has no files to push.\n  fix: pass the adapter's directory.")
         return files, repaired
 
     def _commit(self, name: str, version: str | None, content: dict[str, Any], adapter: Adapter, *,
@@ -741,7 +742,8 @@ class Registry:
                 if clash:
                     raise InvalidReferenceError(f"'{clash[0]}' is already used by '{name}' as a "
                                                 f"{'version' if clash[0] in versions else 'tag'}; tags and versions "
-                                                "share one namespace per name.", ref=f"{name}@{clash[0]}")
+                                                "share one namespace per name.\n  fix: choose another name for it.",
+                                                ref=f"{name}@{clash[0]}")
                 manifest = {
                     "schema": MANIFEST_SCHEMA, "name": name, "version": version, **content,
                     "created_at": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
@@ -817,9 +819,11 @@ class Registry:
         with self._gc_shared(), self._name_lock(res.name):
             versions = self._versions(res.name)
             if tag in versions:
-                raise InvalidReferenceError(f"'{tag}' is a version of '{res.name}', it cannot be a tag.", ref=tag)
+                raise InvalidReferenceError(f"'{tag}' is a version of '{res.name}', it cannot be a tag.\n  fix: choose "
+                                            "another tag name.", ref=tag)
             if res.version not in versions:
-                raise NotFoundError(f"{res.ref} was removed meanwhile.", ref=res.ref)
+                raise NotFoundError(f"{res.ref} was removed meanwhile.\n  fix: `adapterhub list {res.name}` shows the "
+                                    "versions left.", ref=res.ref)
             index.mark_dirty(res.name)
             self._set_doc(self._key(res.name, "tags", tag), res.version + "\n")
             self._refresh(res.name)
@@ -834,9 +838,10 @@ class Registry:
         with self._gc_shared(), self._name_lock(name):
             if tag not in self._explicit_tags(name):
                 if tag == LATEST:
-                    raise NotFoundError(f"'{name}@latest' is not pinned; it already follows the newest push.",
-                                        ref=f"{name}@{tag}")
-                raise NotFoundError(f"'{name}' has no tag '{tag}'.", ref=f"{name}@{tag}")
+                    raise NotFoundError(f"'{name}@latest' is not pinned; it already follows the newest push.\n"
+                                        "  fix: nothing to do.", ref=f"{name}@{tag}")
+                raise NotFoundError(f"'{name}' has no tag '{tag}'.\n  fix: `adapterhub list {name}` shows its tags.",
+                                    ref=f"{name}@{tag}")
             index.mark_dirty(name)
             self.store.delete_doc(self._key(name, "tags", tag))
             self._refresh(name)
@@ -848,7 +853,8 @@ class Registry:
         """
         r = parse_ref(ref)
         if r.label is None and r.digest is None:
-            raise InvalidReferenceError(f"say which version of '{r.name}' to remove: {r.name}@VERSION.", ref=ref)
+            raise InvalidReferenceError(f"say which version of '{r.name}' to remove.\n  fix: `adapterhub rm "
+                                        f"{r.name}@VERSION` (`adapterhub list {r.name}` shows them).", ref=ref)
         res = self.resolve(r)
         if r.label is not None and r.label != res.version:  # a tag: removing what it points at is rarely meant
             raise InvalidReferenceError(
@@ -1022,7 +1028,8 @@ class Registry:
             return PullFormat(stored, stored)
         if format != "auto":
             if format not in PULL_FORMATS:
-                raise InvalidReferenceError(f"unknown format {format!r}; choose auto, {', '.join(PULL_FORMATS)}.")
+                raise InvalidReferenceError(f"unknown format {format!r}.\n  fix: choose auto, "
+                                            f"{', '.join(PULL_FORMATS)}.")
             return PullFormat(format, stored)
         if stored != "adapterhub":  # what the user pushed (PEFT or the `adapters` library's format) comes back as is
             return PullFormat(stored, stored)
@@ -1050,11 +1057,12 @@ class Registry:
         hashed (at push or by ``verify``), so it is O(1) in the file size; ``verify`` re-hashes all.
         """
         from adapterhub.formats import write_adapter
-        from adapterhub.formats._files import atomic_directory
+        from adapterhub.formats._files import atomic_directory, check_directory_target
 
         res = self.resolve(ref)
         manifest = self._manifest(res.digest, res.ref)
         out = Path(out)
+        check_directory_target(out, overwrite=overwrite)  # a refused output costs nothing (no snapshot, no load)
         if format is not None:
             format = self.pull_format(res.ref, format).format
         if format is not None and format != manifest["format"]:
@@ -1263,5 +1271,6 @@ def _spec_dict(adapter: Adapter) -> dict[str, Any]:
 def _safe_rel(rel: str) -> Path:
     p = Path(rel)
     if p.is_absolute() or ".." in p.parts or not p.parts:
-        raise IntegrityError(f"a manifest names file {rel!r} outside the version's directory; refusing it.")
+        raise IntegrityError(f"a manifest names file {rel!r} outside the version's directory; refusing it.\n"
+                             "  fix: `adapterhub verify` names the version; `adapterhub rm NAME@VERSION` removes it.")
     return p

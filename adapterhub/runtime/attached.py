@@ -192,7 +192,8 @@ class Attached:
     def _leaf_indices(self, old: Any) -> list[int]:
         if isinstance(old, int) and not isinstance(old, bool):
             if not 0 <= old < len(self.adapters):
-                raise CompositionError(f"there is no leaf #{old}; the composition has {len(self.adapters)}.")
+                raise CompositionError(f"there is no leaf #{old}; the composition has {len(self.adapters)}.\n"
+                                       f"  fix: pass an index from 0 to {len(self.adapters) - 1}.")
             return [old]
         found = [i for i, (o, a) in enumerate(zip(self._given, self.adapters, strict=True))
                  if o is old or a is old or (isinstance(old, str) and (o == old or label(a, i) == old))]
@@ -209,7 +210,8 @@ class Attached:
             if path is None:
                 path = self._tree.find(block)
             if path is None:
-                raise CompositionError(f"{block!r} is not a block of the attached composition.")
+                raise CompositionError(f"{block!r} is not a block of the attached composition.\n  fix: pass a "
+                                       "block of the composition given to attach(), or its index path.")
             return path
         return tuple(int(i) for i in block)
 

@@ -98,10 +98,12 @@ class Block:
         node: Any = self
         for i in path:
             if not isinstance(node, Block) or not 0 <= i < len(node.children):
-                raise CompositionError(f"no block at {list(path)} in {self!r}.")
+                raise CompositionError(f"no block at {list(path)} in {self!r}.\n  fix: give an index path of "
+                                       "one of its blocks, e.g. [] for the whole.")
             node = node.children[i]
         if not isinstance(node, Block):
-            raise CompositionError(f"{list(path)} names a leaf of {self!r}, not a block.")
+            raise CompositionError(f"{list(path)} names a leaf of {self!r}, not a block.\n  fix: give the "
+                                   "index path of the block holding it.")
         return node
 
     def find(self, block: Block) -> Path | None:
@@ -178,7 +180,8 @@ def _check_weights(name: str, weights: Sequence[float], n: int) -> tuple[float, 
     try:
         out = tuple(float(w) for w in weights)
     except (TypeError, ValueError) as e:
-        raise CompositionError(f"{name} weights must be numbers, got {weights!r}.") from e
+        raise CompositionError(f"{name} weights must be numbers, got {weights!r}.\n  fix: give numbers, e.g. "
+                               "[0.7, 0.3].") from e
     if len(out) != n:
         raise CompositionError(f"{name} has {n} children but {len(out)} weights.\n  fix: give one weight per child.")
     bad = [w for w in out if not math.isfinite(w)]

@@ -89,7 +89,8 @@ def make_plan(model: nn.Module, tree: Block, *, merge: bool = False, prefix_posi
     """
     if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
         raise CompositionError(f"attach() needs a transformers model (an nn.Module with a .config), got "
-                               f"{type(model).__name__}.")
+                               f"{type(model).__name__}.\n  fix: pass a model loaded with transformers, e.g. "
+                               "AutoModelForCausalLM.from_pretrained(BASE).")
     if prefix_positions not in PREFIX_CONVENTIONS:
         raise CompositionError(f"prefix_positions must be one of {', '.join(PREFIX_CONVENTIONS)}, "
                                f"not {prefix_positions!r}.")

@@ -42,7 +42,8 @@ def run_prompt(base_dir: str | Path, composition: Any, *, prompt: str | None = N
     from adapterhub.runtime.attached import attach
 
     if (prompt is None) == (token_ids is None):
-        raise CompositionError("give either a prompt or token ids.")
+        raise CompositionError("give either a prompt or token ids.\n  fix: pass --prompt TEXT or --ids 1,2,3 "
+                               "(Python: prompt= or token_ids=), not both.")
     base = BaseCheckpoint.open(base_dir)
     try:
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
