@@ -226,9 +226,10 @@ def _method_help() -> str:
 class _LazyRegistry:
     """Opens the registry on first use, so commands that need none never create one."""
 
-    def __init__(self, path: str | None, endpoint_url: str | None = None) -> None:
+    def __init__(self, path: str | None, endpoint_url: str | None = None, *, create: bool = True) -> None:
         self.path = path
         self.endpoint_url = endpoint_url
+        self.create = create  # False: a command that only reads never makes a registry at a mistyped path
         self._registry = None
 
     def get(self):  # noqa: ANN201 - Registry, imported lazily
@@ -240,7 +241,7 @@ class _LazyRegistry:
 
                 self._registry = open_registry(self.path, None, self.endpoint_url)
             else:
-                self._registry = Registry(self.path)
+                self._registry = Registry(self.path, create=self.create or self.path is None)
         return self._registry
 
 
@@ -258,7 +259,11 @@ class _LazyRegistry:
 @click.pass_context
 def cli(ctx: click.Context, registry_path: str | None, endpoint_url: str | None) -> None:
     """Store, check, compose and ship adapters for shared base models."""
-    ctx.obj = _LazyRegistry(registry_path, endpoint_url)
+    ctx.obj = _LazyRegistry(registry_path, endpoint_url, create=ctx.invoked_subcommand not in READ_ONLY_COMMANDS)
+
+
+#: commands with nothing to do on an empty registry: on a --registry path that holds none they say so
+READ_ONLY_COMMANDS = frozenset({"list", "show", "pull", "verify", "du", "gc", "reindex", "tag", "untag", "rm"})
 
 
 pass_registry = click.make_pass_decorator(_LazyRegistry)
@@ -546,6 +551,8 @@ def pull(reg: _LazyRegistry, ref: str, output: str | None, from_: str | None, re
     REF may be hf://ORG/REPO[@REVISION]: any PEFT adapter repo on the Hub is imported into the local
     registry, its repo and commit recorded as its source (HF_HUB_OFFLINE=1 reads the local HF cache).
     """
+    if ref.startswith("hf://") or from_ is not None:
+        reg.create = True  # an import makes the local registry if it is not there yet
     registry = reg.get()
     endpoint_url = endpoint_url or reg.endpoint_url
     if ref.startswith("hf://") or from_ is not None:

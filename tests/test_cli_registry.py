@@ -340,3 +340,25 @@ def test_rm_of_a_tag_is_refused_and_names_both_fixes(registry_cli):
     assert registry_cli("rm", "t/a@latest").exit_code == 2
     assert registry_cli("show", "t/a@1").exit_code == 0, "nothing was removed"
     assert registry_cli("rm", "t/a@1").exit_code == 0
+
+
+@pytest.mark.parametrize("argv", [["list"], ["show", "a/b"], ["pull", "a/b", "-o", "{tmp}/out"], ["verify"], ["du"],
+                                  ["gc"], ["reindex"], ["tag", "a/b@1", "t"], ["untag", "a/b", "t"], ["rm", "a/b@1"]])
+def test_a_read_command_on_a_mistyped_registry_path_creates_nothing(argv, tmp_path):
+    """`--registry /typo/sub list` used to build a whole registry there, parent folders included."""
+    typo = tmp_path / "typo" / "sub"
+    r = CliRunner().invoke(cli, ["--registry", str(typo), *(a.format(tmp=tmp_path) for a in argv)])
+    assert r.exit_code == 1
+    assert r.output == (f"error: no adapterhub registry at {typo}.\n  fix: check the path (--registry or "
+                        "$ADAPTERHUB_REGISTRY); `adapterhub push` creates a registry there.\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_push_and_an_import_create_the_registry(tmp_path):
+    src = tmp_path / "src"
+    pushed = CliRunner().invoke(cli, ["--registry", str(src), "push", str(ADAPTERS_LIB / "minilm_lora"), "t/a"])
+    assert pushed.exit_code == 0, pushed.output
+    dst = tmp_path / "new" / "reg"
+    r = CliRunner().invoke(cli, ["--registry", str(dst), "pull", "t/a@1", "--from", str(src)])
+    assert r.exit_code == 0, r.output
+    assert CliRunner().invoke(cli, ["--registry", str(dst), "list"]).output.splitlines()[1].startswith("t/a@1 ")

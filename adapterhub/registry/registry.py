@@ -237,7 +237,9 @@ class Registry:
     absent, tags move by compare-and-swap).
     """
 
-    def __init__(self, path: str | Path | Store | None = None) -> None:
+    def __init__(self, path: str | Path | Store | None = None, *, create: bool = True) -> None:
+        """Open the registry at ``path`` (default: :func:`default_path`); ``create=False`` refuses a place that
+        holds no registry yet (:class:`NotFoundError`) instead of making one there."""
         if path is None and "://" in os.environ.get(ENV_VAR, ""):
             path = os.environ[ENV_VAR]
         if isinstance(path, str) and "://" in path:  # a URL: s3://BUCKET/PREFIX, file:///DIR
@@ -255,7 +257,7 @@ class Registry:
         self._index: Index | None = None
         self._manifests: dict[str, dict[str, Any]] = {}  # remote stores: verified manifests (immutable)
         self._indexed: set[str] = set()  # remote stores: names indexed so far (the index fills on demand)
-        self._init_layout()
+        self._init_layout(create)
         self.writable = self.store.check_writable() if self.store.local else self.store.writable
 
     def __repr__(self) -> str:
@@ -263,7 +265,7 @@ class Registry:
 
     # --- layout, locks, index ------------------------------------------------------------------
 
-    def _init_layout(self) -> None:
+    def _init_layout(self, create: bool = True) -> None:
         where = self.location
         with os_errors(f"creating the registry at {where}"):
             try:
@@ -283,6 +285,9 @@ class Registry:
                                         f"{FORMAT_NAME} v{FORMAT_VERSION}.\n  fix: use the adapterhub version that "
                                         "made it, or another --registry path.")
                 return
+            if not create:
+                raise NotFoundError(f"no adapterhub registry at {where}.\n  fix: check the path (--registry or "
+                                    "$ADAPTERHUB_REGISTRY); `adapterhub push` creates a registry there.")
             if self.store.foreign_entries():
                 raise RegistryError(f"{where} exists, is not empty and is not an adapterhub registry.\n"
                                     "  fix: choose another --registry path.")
