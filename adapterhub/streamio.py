@@ -6,10 +6,13 @@ a page-cache allocation per 4 KiB, and evicts the user's working set; on small m
 kernel work, not the disk, is the bottleneck. Direct I/O moves the bytes by DMA between the disk
 and our own aligned buffers instead.
 
-Pieces: :func:`aligned_empty` (a byte tensor at an aligned address), :class:`BufferPool` (a few
-reusable buffers shared between threads, so memory stays bounded and pages are faulted in once),
-:class:`DirectReader` (byte ranges of files) and :class:`DirectWriter` (an append-only file that
-writes whole aligned blocks, straight from the caller's memory when its address allows).
+Pieces: :func:`aligned_buffer` (a writable memoryview at a page-aligned address), :class:`BufferPool`
+(a few reusable buffers shared between threads, so memory stays bounded and pages are faulted in
+once), :class:`DirectReader` (byte ranges of files) and :class:`DirectWriter` (an append-only file
+that writes whole aligned blocks, straight from the caller's memory when its address allows).
+
+Buffers are plain memoryviews (no torch here): a caller that computes on them wraps them, e.g. with
+``torch.frombuffer``, so reading and writing can start before torch is imported.
 """
 
 from __future__ import annotations
@@ -17,17 +20,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import mmap
 import os
 import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from adapterhub.errors import Aborted, CorruptFileError
-
-if TYPE_CHECKING:
-    import torch
 
 #: alignment of direct I/O addresses, offsets and lengths (a multiple of every common logical block size)
 ALIGN = 4096
@@ -36,13 +36,19 @@ STAGING_BYTES = 8 << 20
 _HAS_DIRECT = hasattr(os, "O_DIRECT")
 
 
-def aligned_empty(nbytes: int, align: int = ALIGN) -> torch.Tensor:
-    """An uninitialised 1-d uint8 tensor of ``nbytes`` whose data starts at a multiple of ``align``."""
-    import torch
+def aligned_buffer(nbytes: int) -> memoryview:
+    """A writable, zero-filled memoryview of ``nbytes`` starting at a page (:data:`ALIGN`) boundary,
+    backed by its own anonymous mapping (freed when the last view of it goes)."""
+    if nbytes == 0:
+        return memoryview(bytearray())
+    return memoryview(mmap.mmap(-1, nbytes))
 
-    raw = torch.empty(nbytes + align, dtype=torch.uint8)
-    skip = -raw.data_ptr() % align
-    return raw[skip: skip + nbytes]
+
+def address(view: memoryview) -> int | None:
+    """The address of a writable buffer's first byte (None for an empty or read-only one)."""
+    if not view.nbytes or view.readonly:
+        return None
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 @dataclass
@@ -51,7 +57,7 @@ class Lease:
 
     pool: BufferPool
     slot: int
-    data: torch.Tensor  # the requested bytes (a view into the slot's buffer)
+    data: memoryview  # the requested bytes (a view into the slot's buffer)
     released: bool = False
 
     def release(self) -> None:
@@ -72,27 +78,28 @@ class BufferPool:
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for slot in range(count):
             self._free.put(slot)
-        self._buffers: list[torch.Tensor | None] = [None] * count
+        self._buffers: list[memoryview | None] = [None] * count
         self._abort = abort
 
     def acquire(self, nbytes: int, phase: int = 0) -> Lease:
         """A lease on ``nbytes`` whose first byte sits at ``phase`` past an :data:`ALIGN` boundary.
 
         Raises:
-            Aborted: the pool's abort event was set while waiting.
+            Aborted: the pool's abort event is set (checked before and while waiting).
         """
         while True:
+            if self._abort is not None and self._abort.is_set():
+                raise Aborted
             try:
                 slot = self._free.get(timeout=0.05)
                 break
             except queue.Empty:
-                if self._abort is not None and self._abort.is_set():
-                    raise Aborted from None
+                pass
         need = phase + nbytes
         buf = self._buffers[slot]
-        if buf is None or buf.numel() < need:
+        if buf is None or buf.nbytes < need:
             self._buffers[slot] = None  # free the smaller one before allocating
-            buf = self._buffers[slot] = aligned_empty(need)
+            buf = self._buffers[slot] = aligned_buffer(need)
         return Lease(self, slot, buf[phase:need])
 
     def _release(self, slot: int) -> None:
@@ -114,10 +121,6 @@ def _drop_direct(fd: int) -> None:
     import fcntl
 
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-
-
-def _view(t: torch.Tensor) -> memoryview:
-    return memoryview(t.numpy()) if t.numel() else memoryview(b"")
 
 
 class DirectReader:
@@ -149,12 +152,11 @@ class DirectReader:
         lease.data = lease.data[offset - start: offset - start + nbytes]
         return lease
 
-    def _read_into(self, path: Path, fd: int, direct: bool, buf: torch.Tensor, start: int, want: int) -> int:
+    def _read_into(self, path: Path, fd: int, direct: bool, buf: memoryview, start: int, want: int) -> int:
         got = 0
-        view = _view(buf)
         while got < want:
             try:
-                n = os.preadv(fd, [view[got:]], start + got)
+                n = os.preadv(fd, [buf[got:]], start + got)
             except OSError as e:
                 if not (direct and e.errno == errno.EINVAL):
                     raise
@@ -193,33 +195,34 @@ class DirectWriter:
 
     def __init__(self, path: Path, *, direct: bool = True) -> None:
         self.path = path
-        self._staging = aligned_empty(STAGING_BYTES)
+        self._staging = aligned_buffer(STAGING_BYTES)
         self._fill = 0  # staged bytes: the file's range [size - fill, size)
         self.size = 0  # bytes accepted so far
         self.fd, self.direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, direct)
 
-    def write(self, data: torch.Tensor) -> None:
-        """Append a contiguous 1-d uint8 tensor's bytes."""
-        left = data
-        while left.numel():
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append the bytes of a contiguous buffer."""
+        left = memoryview(data).cast("B")
+        while left.nbytes:
             if not self.direct:
                 self._flush()
                 self._pwrite(left, self.size)
-                self.size += left.numel()
+                self.size += left.nbytes
                 return
-            if self._fill % ALIGN == 0 and left.data_ptr() % ALIGN == 0 and left.numel() >= ALIGN:
+            at = address(left)
+            if self._fill % ALIGN == 0 and at is not None and at % ALIGN == 0 and left.nbytes >= ALIGN:
                 self._flush()
-                n = left.numel() - left.numel() % ALIGN
+                n = left.nbytes - left.nbytes % ALIGN
                 self._pwrite(left[:n], self.size)
                 self.size += n
                 left = left[n:]
                 continue
             room = STAGING_BYTES - self._fill
             to_block = -self._fill % ALIGN or ALIGN
-            if (left.data_ptr() + to_block) % ALIGN == 0 and left.numel() > to_block:
+            if at is not None and (at + to_block) % ALIGN == 0 and left.nbytes > to_block:
                 room = min(room, to_block)  # stop at the block boundary: the rest can go straight out
-            n = min(room, left.numel())
-            ctypes.memmove(self._staging.data_ptr() + self._fill, left.data_ptr(), n)
+            n = min(room, left.nbytes)
+            self._staging[self._fill: self._fill + n] = left[:n]
             self._fill += n
             self.size += n
             left = left[n:]
@@ -232,7 +235,7 @@ class DirectWriter:
             if self._fill:
                 pad = -self._fill % ALIGN if self.direct else 0
                 if pad:
-                    self._staging[self._fill: self._fill + pad].zero_()
+                    self._staging[self._fill: self._fill + pad] = bytes(pad)
                 self._pwrite(self._staging[: self._fill + pad], self.size - self._fill)
                 self._fill = 0
                 if pad:
@@ -253,9 +256,9 @@ class DirectWriter:
             self._pwrite(self._staging[: self._fill], self.size - self._fill)
             self._fill = 0
 
-    def _pwrite(self, data: torch.Tensor, offset: int) -> None:
-        view, done = _view(data), 0
-        while done < len(view):
+    def _pwrite(self, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < view.nbytes:
             try:
                 done += os.pwrite(self.fd, view[done:], offset + done)
             except OSError as e:

@@ -275,6 +275,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="one more run of ours under `perf record`: CPU split")
     ap.add_argument("--hash", action="store_true", help="print the sha256 of ours' shards' tensor bytes")
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="environment for ours (A/B runs)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=DIR",
+                    help="one more route per round: ours with the adapterhub package found in DIR (PYTHONPATH), "
+                         "e.g. a `git archive` of an older commit: an interleaved A/B")
     args = ap.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="export-bench-", dir=args.dir))
     work.mkdir(parents=True, exist_ok=True)
@@ -303,7 +306,12 @@ def main() -> None:
                      [adapterhub_cli, "export", *loras, "--base", str(base), "-o", str(out), "--max-shard-size",
                       "5GB"], ours_env),
         }
+        for spec in args.variant:
+            tag, _, where = spec.partition("=")
+            routes[f"ours[{tag}]"] = (f"adapterhub export, {tag} ({where})", routes["ours"][1],
+                                      {**ours_env, "PYTHONPATH": str(Path(where).resolve())})
         chosen = [k for k in (args.only.split(",") if args.only else routes)]
+        chosen += [k for k in routes if k.startswith("ours[") and k not in chosen]
         results: dict[str, list[tuple[float, float, float, str]]] = {}
         how = ""
         print(f"uptime at start: {load()}", file=sys.stderr, flush=True)
@@ -318,9 +326,9 @@ def main() -> None:
                 results.setdefault(key, []).append((wall, cpu, rss, before))
                 print(f"  [{round_ + 1}] {label}: {wall:.2f} s, CPU {cpu:.1f} s (load {before})", file=sys.stderr,
                       flush=True)
-                if key == "ours" and args.hash and round_ == 0:
+                if key.startswith("ours") and args.hash and round_ == 0:
                     for name, digest in data_hashes(out).items():
-                        print(f"  sha256 of {name}'s tensor bytes: {digest}", file=sys.stderr, flush=True)
+                        print(f"  {key}: sha256 of {name}'s tensor bytes: {digest}", file=sys.stderr, flush=True)
         shutil.rmtree(out, ignore_errors=True)
         if not args.skip_peft:
             how = drop_cache(base, *map(Path, loras))
@@ -363,20 +371,21 @@ def main() -> None:
                              f"({ours_wall / med('cpsync'):.2f}x)")
             print("goals (medians): " + "; ".join(goals))
         if args.profile:
-            shutil.rmtree(out, ignore_errors=True)
-            drop_cache(base, *map(Path, loras))
-            data = work / "perf.data"
-            label, cmd, e = routes["ours"]
-            before = load()
-            wall, cpu, _, _ = timed(["perf", "record", "-q", "-F", "499", "-o", str(data), "--", *cmd], e)
-            shutil.rmtree(out, ignore_errors=True)
-            print(f"\nCPU split of ours under `perf record -F 499` (one run: {wall:.1f} s wall, {cpu:.1f} s CPU, "
-                  f"load {before}; leaf of each sample)\n")
-            print("| where | share | CPU s | top symbols |")
-            print("|---|---|---|---|")
-            for cat, share, tops in profile_split(data):
-                print(f"| {cat} | {share:.1%} | {share * cpu:.1f} | {'; '.join(tops)} |")
-            data.unlink()
+            for key in [k for k in routes if k == "ours" or k.startswith("ours[")]:
+                shutil.rmtree(out, ignore_errors=True)
+                drop_cache(base, *map(Path, loras))
+                data = work / "perf.data"
+                label, cmd, e = routes[key]
+                before = load()
+                wall, cpu, _, _ = timed(["perf", "record", "-q", "-F", "499", "-o", str(data), "--", *cmd], e)
+                shutil.rmtree(out, ignore_errors=True)
+                print(f"\nCPU split of {label} under `perf record -F 499` (one run: {wall:.1f} s wall, {cpu:.1f} s "
+                      f"CPU, load {before}; leaf of each sample)\n")
+                print("| where | share | CPU s | top symbols |")
+                print("|---|---|---|---|")
+                for cat, share, tops in profile_split(data):
+                    print(f"| {cat} | {share:.1%} | {share * cpu:.1f} | {'; '.join(tops)} |")
+                data.unlink()
         print(f"\nsetup (untimed): {info['setup_s']:.0f} s; {os.cpu_count()} cores; uptime at the end: {load()}")
     finally:
         shutil.rmtree(work / "out", ignore_errors=True)
