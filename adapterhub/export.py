@@ -489,17 +489,15 @@ def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool, workers: int
 
 def _typed(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...], *, writable: bool = False
            ) -> torch.Tensor:
-    """Bytes seen as a tensor of ``dtype`` and ``shape``, sharing their memory; a read-only view of bytes
-    misaligned for the dtype is copied first (a ``writable`` one must be aligned)."""
-    import torch
+    """Bytes seen as a tensor of ``dtype`` and ``shape``, sharing their memory; a read-only piece
+    misaligned for the dtype is copied first (an output piece must be aligned: it is written in place)."""
+    from adapterhub.streamio import as_tensor
 
-    t = torch.frombuffer(data, dtype=torch.uint8) if data.nbytes else torch.empty(0, dtype=torch.uint8)
-    if t.data_ptr() % dtype.itemsize:
-        if writable:
-            raise ExportError(f"an output piece at address {t.data_ptr():#x} is misaligned for {dtype}; this is a "
-                              "bug in adapterhub, please report it.")
-        t = t.clone()
-    return t.view(dtype).view(shape)
+    try:
+        return as_tensor(data, dtype, shape, copy_if_misaligned=not writable)
+    except ValueError as e:
+        raise ExportError(f"an output piece is misaligned ({e}); this is a bug in adapterhub, please report "
+                          "it.") from e
 
 
 def _model_card(base: BaseCheckpoint, provenance: dict[str, Any], plan: MergePlan, unmerged: list[str]) -> str:

@@ -26,8 +26,12 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapterhub.errors import Aborted, CorruptFileError
+
+if TYPE_CHECKING:
+    import torch
 
 #: alignment of direct I/O addresses, offsets and lengths (a multiple of every common logical block size)
 ALIGN = 4096
@@ -49,6 +53,21 @@ def address(view: memoryview) -> int | None:
     if not view.nbytes or view.readonly:
         return None
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def as_tensor(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...], *, copy_if_misaligned: bool = True
+              ) -> torch.Tensor:
+    """Bytes seen as a tensor of ``dtype`` and ``shape`` sharing their memory (torch is imported here,
+    by the caller's first use). Bytes at an address misaligned for the dtype are copied first, or
+    refused with ValueError when ``copy_if_misaligned`` is False (an output must be written in place)."""
+    import torch
+
+    t = torch.frombuffer(data, dtype=torch.uint8) if data.nbytes else torch.empty(0, dtype=torch.uint8)
+    if t.data_ptr() % dtype.itemsize:
+        if not copy_if_misaligned:
+            raise ValueError(f"bytes at {t.data_ptr():#x} are misaligned for {dtype}")
+        t = t.clone()
+    return t.view(dtype).view(shape)
 
 
 @dataclass
