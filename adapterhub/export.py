@@ -381,7 +381,7 @@ def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool, workers: int
             raise ExportError(f"reading {info.name} from {info.path} failed: {e.strerror or e}.\n  fix: check the "
                               "base checkpoint's disk and files; nothing was written.") from e
 
-    def read() -> None:
+    def read() -> None:  # needs no torch: it runs while torch is still being imported
         seq = 0
         with DirectReader(direct=direct) as reader:
             for shard in shards:
@@ -389,14 +389,13 @@ def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool, workers: int
                 seq += 1
                 for info, dt, offset in shard.entries:
                     if plan.touches(info.name) or dt != info.dtype:
-                        target = st_to_torch(dt)
                         done = 0  # elements before this piece
                         for rows, shape in _fold_pieces(info, dt, plan.touches(info.name)):
                             n = math.prod(shape)
                             start, at = (math.ceil(done * DTYPE_SIZES[d]) for d in (info.dtype, dt))
                             piece = read_bytes(reader, info, start, math.ceil(n * DTYPE_SIZES[info.dtype]))
                             try:  # output offsets are aligned to the dtype (widest first, header padded to 8)
-                                out = out_pool.acquire(n * target.itemsize, phase=(offset + at) % ALIGN)
+                                out = out_pool.acquire(math.ceil(n * DTYPE_SIZES[dt]), phase=(offset + at) % ALIGN)
                             except BaseException:
                                 piece.release()
                                 raise

@@ -1,5 +1,6 @@
 """Commands that need no math never import torch (issue 13): `--help`, `list`, `show`, `inspect`,
-`check`, `push`, `pull` in the stored format, `verify` and `gc`, for every adapter kind: LoRA (PEFT
+`check`, `push`, `pull` in the stored format, `tag`, `untag`, `rm`, `reindex`, `verify` and `gc`,
+for every adapter kind: LoRA (PEFT
 and the `adapters` library), IA3, bottleneck seq_bn and double_seq_bn, prefix tuning in the
 `adapters` library's layouts and in PEFT's.
 
@@ -94,8 +95,8 @@ def test_everyday_commands_never_import_torch(kind, kinds, tmp_path):
                 ["show", "team/stored", "--json"], ["pull", "team/new", "-o", str(tmp_path / "copy")],
                 ["pull", "team/stored", "-o", str(tmp_path / "link"), "--link"],
                 ["pull", "team/new", "-o", str(tmp_path / "verified"), "--verify"], ["tag", "team/new@1", "prod"],
-                ["untag", "team/new", "prod"], ["reindex"], ["verify"], ["gc", "--dry-run"], ["gc"],
-                ["list", "--json"]]
+                ["untag", "team/new", "prod"], ["reindex"], ["verify"], ["rm", "team/stored@1"],
+                ["gc", "--dry-run"], ["gc"], ["list", "--json"]]
     done = run_commands(commands, registry)
     assert [c["argv"] for c in done] == commands, f"torch was imported by {done[-1]['argv']}:\n{done[-1]['where']}"
     assert all(c["exit"] == 0 for c in done), [c for c in done if c["exit"] != 0]
