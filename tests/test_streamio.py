@@ -161,3 +161,36 @@ def test_aligned_buffer_is_aligned_writable_and_zeroed():
         assert address(buf) % ALIGN == 0 and buf.nbytes == n and not buf.readonly
         assert bytes(buf[-3:]) == bytes(min(3, n))
     assert address(memoryview(b"read-only")) is None
+
+
+def test_a_large_direct_read_is_split_into_reads_in_flight_and_stays_exact(tmp_path, monkeypatch):
+    data = os.urandom(3 * streamio.SPLIT_READ + 4321)
+    (tmp_path / "f").write_bytes(data)
+    real = os.preadv
+    calls: list[tuple[int, str]] = []
+    refuse = threading.Event()
+
+    def preadv(fd, buffers, offset):
+        calls.append((offset, threading.current_thread().name))
+        if refuse.is_set() and offset > 0:
+            refuse.clear()
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(streamio.os, "preadv", preadv)
+    pool = BufferPool(1)
+    with DirectReader() as reader:
+        lease = reader.read(tmp_path / "f", 7, len(data) - 7, pool)
+        assert bytes(lease.data) == data[7:]
+        lease.release()
+        if not reader._files[tmp_path / "f"][1]:
+            pytest.skip("this file system refuses O_DIRECT")
+        assert len({offset for offset, _ in calls}) >= streamio.READS_IN_FLIGHT
+        assert len({name for _, name in calls}) >= 2, "the parts were read by more than one thread"
+        with pytest.raises(CorruptFileError, match="truncated"):
+            reader.read(tmp_path / "f", len(data) - streamio.SPLIT_READ, 3 * streamio.SPLIT_READ, pool)
+        refuse.set()  # a part refused by the device: the whole range is read again, buffered
+        lease = reader.read(tmp_path / "f", 4096, 2 * streamio.SPLIT_READ + 5, pool)
+        assert bytes(lease.data) == data[4096:4096 + 2 * streamio.SPLIT_READ + 5]
+        lease.release()
+    pool.acquire(1).release()
