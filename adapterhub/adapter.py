@@ -256,6 +256,9 @@ class Tensors(Mapping[str, "torch.Tensor"]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries  # Mapping's default would load the tensor
+
     def shape(self, name: str) -> tuple[int, ...]:
         entry = self._entries[name]
         return entry.shape if isinstance(entry, TensorInfo) else tuple(entry.shape)

@@ -537,11 +537,17 @@ def _number(text: str) -> Any:
                    "as PEFT where PEFT can express it (LoRA, IA3, prefix tuning).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
 @click.option("--link", is_flag=True,
-              help="Hard-link files from the registry (instant; re-hashes only changed blobs; never edit them).")
+              help="Hard-link files from the registry (instant; never edit them).")
+@click.option("--verify", "rehash", is_flag=True,
+              help="Re-hash every file, even those whose stat stamp is unchanged since they were last hashed.")
 @pass_registry
 def pull(reg: _LazyRegistry, ref: str, output: str | None, from_: str | None, renumber: bool,
-         import_name: str | None, endpoint_url: str | None, fmt: str | None, force: bool, link: bool) -> None:
+         import_name: str | None, endpoint_url: str | None, fmt: str | None, force: bool, link: bool,
+         rehash: bool) -> None:
     """Write version REF to a directory, verifying every hash.
+
+    A stored file whose stat stamp (inode, size, mtime, ctime) is unchanged since it was last hashed
+    is trusted without being read again; any other is hashed as it is copied. --verify re-hashes all.
 
     Without --format, a version comes back in the format it was pushed in; one stored in adapterhub's
     own format (a blend) is written as a PEFT directory where PEFT can express it, and the command
@@ -564,7 +570,8 @@ def pull(reg: _LazyRegistry, ref: str, output: str | None, from_: str | None, re
     chosen = registry.pull_format(ref, fmt or "auto")
     size = int(registry.manifest(ref).get("size") or 0)
     with _progress(size, "pulling") as progress:
-        path = registry.pull(ref, output, format=chosen.format, overwrite=force, link=link, progress=progress)
+        path = registry.pull(ref, output, format=chosen.format, overwrite=force, link=link, verify=rehash,
+                             progress=progress)
     resolved = registry.resolve(ref)
     if chosen.note:
         click.echo(f"note: {chosen.note}", err=True)

@@ -12,6 +12,7 @@ at the target.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import queue
 import re
 import shutil
 import struct
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +45,16 @@ WEIGHT_INDEX = re.compile(r".+\.(safetensors|bin|pt|pth|h5|msgpack)\.index\.json
 #: top-level folders of the base holding converted copies of its unmerged weights: never carried
 STALE_DIRS = ("onnx", "openvino")
 DTYPE_NAMES = {"float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "bfloat16": "BF16", "bf16": "BF16"}
+
+
+def import_torch_in_background() -> None:
+    """Start importing torch in a daemon thread (unless it is imported already): an export needs it only
+    to fold, so reading the adapters, checking them, planning and the first disk reads overlap the
+    import, which takes seconds on a small machine. A later ``import torch`` waits for it to finish."""
+    if "torch" in sys.modules:
+        return
+    threading.Thread(target=importlib.import_module, args=("torch",), name="adapterhub-import-torch",
+                     daemon=True).start()
 
 
 def parse_size(text: str | int) -> int:
@@ -126,6 +138,7 @@ def export_merged(base_dir: str | Path, adapters: Sequence[Adapter], out: str | 
     from adapterhub.formats import write_adapter
     from adapterhub.formats._files import atomic_directory
 
+    import_torch_in_background()
     base = BaseCheckpoint.open(base_dir)
     adapters = list(adapters)
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
@@ -281,22 +294,40 @@ def _fold_pieces(info: TensorInfo, out_dtype: str, folded: bool) -> list[tuple[t
     return [(None, info.shape)]
 
 
-def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool) -> None:
-    """Write every shard: a reader thread fetches base bytes, this thread folds, a writer thread
-    writes, so disk reads, folding and disk writes overlap; memory is five pooled buffers, each at
-    most :data:`FOLD_PIECE` (or one tensor that is folded but not 2-d: a bias, a convolution).
+def fold_workers() -> int:
+    """Threads that fold at once: one per usable CPU (at most 8), each running torch single-threaded."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 8))
 
-    Raises the first error of any of the three (the others stop at their next step).
+
+def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool, workers: int | None = None) -> None:
+    """Write every shard: a reader thread fetches base bytes, ``workers`` threads fold pieces (each
+    with torch single-threaded: no OpenMP team to wait on when other processes share the cores), a
+    writer thread writes the pieces in file order; reads, folds and writes overlap. Memory is
+    ``2 * workers + 4`` pooled buffers, each at most :data:`FOLD_PIECE` (or one tensor that is folded
+    but not 2-d: a bias, a convolution).
+
+    Every buffer is acquired by the reader, in file order, so the piece the writer waits for always
+    holds its buffers: no thread can wait on another in a cycle. Raises the first error of any thread
+    (the others stop at their next step).
     """
-    import torch
-
     from adapterhub.streamio import ALIGN, Aborted, BufferPool, DirectReader, DirectWriter
 
+    workers = workers or fold_workers()
     abort = threading.Event()
     errors: list[BaseException] = []
-    in_pool, out_pool = BufferPool(3, abort), BufferPool(2, abort)
-    to_fold: queue.SimpleQueue[tuple[str, Any, Any] | None] = queue.SimpleQueue()
-    to_write: queue.SimpleQueue[tuple[str, Any, Any] | None] = queue.SimpleQueue()
+    in_pool, out_pool = BufferPool(workers + 2, abort), BufferPool(workers + 2, abort)
+    to_fold: queue.SimpleQueue[tuple[int, Any, Any, Any] | None] = queue.SimpleQueue()
+    ready: dict[int, tuple[str, Any, Any]] = {}  # sequence number -> message for the writer
+    ready_cv = threading.Condition()
+
+    def post(seq: int, msg: tuple[str, Any, Any]) -> None:
+        with ready_cv:
+            ready[seq] = msg
+            ready_cv.notify_all()
 
     def take(q: queue.SimpleQueue[Any]) -> Any:
         while True:
@@ -305,6 +336,9 @@ def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool) -> None:
             except queue.Empty:
                 if abort.is_set():
                     raise Aborted from None
+
+    finished = threading.Condition()
+    ended: list[str] = []
 
     def guarded(body: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
@@ -315,7 +349,30 @@ def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool) -> None:
             except BaseException as e:  # handed to the caller's thread
                 errors.append(e)
                 abort.set()
+            finally:
+                with finished:
+                    ended.append(threading.current_thread().name)
+                    finished.notify_all()
         return run
+
+    launched: list[threading.Thread] = []
+
+    def start_all() -> None:
+        for t in threads:
+            launched.append(t)
+            try:
+                t.start()
+            except Exception:  # not created (a Ctrl-C arrives only once it runs, while start() waits for it)
+                launched.pop()
+                raise
+
+    def wait_for_all() -> None:
+        # not Thread.join: a Ctrl-C that interrupts join() can mark a running thread as stopped
+        with finished:
+            while len(ended) < len(launched):
+                finished.wait(0.1)
+        for t in launched:
+            t.join()  # each has left its body: returns at once
 
     def read_bytes(reader: DirectReader, info: TensorInfo, start: int, nbytes: int) -> Any:
         try:
@@ -324,10 +381,12 @@ def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool) -> None:
             raise ExportError(f"reading {info.name} from {info.path} failed: {e.strerror or e}.\n  fix: check the "
                               "base checkpoint's disk and files; nothing was written.") from e
 
-    def read() -> None:
+    def read() -> None:  # needs no torch: it runs while torch is still being imported
+        seq = 0
         with DirectReader(direct=direct) as reader:
             for shard in shards:
-                to_fold.put(("open", shard, None))
+                post(seq, ("open", shard, None))
+                seq += 1
                 for info, dt, offset in shard.entries:
                     if plan.touches(info.name) or dt != info.dtype:
                         done = 0  # elements before this piece
@@ -335,24 +394,64 @@ def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool) -> None:
                             n = math.prod(shape)
                             start, at = (math.ceil(done * DTYPE_SIZES[d]) for d in (info.dtype, dt))
                             piece = read_bytes(reader, info, start, math.ceil(n * DTYPE_SIZES[info.dtype]))
-                            to_fold.put(("fold", (info, dt, offset + at, rows, shape), piece))
+                            try:  # output offsets are aligned to the dtype (widest first, header padded to 8)
+                                out = out_pool.acquire(math.ceil(n * DTYPE_SIZES[dt]), phase=(offset + at) % ALIGN)
+                            except BaseException:
+                                piece.release()
+                                raise
+                            to_fold.put((seq, (info, dt, rows, shape), piece, out))
+                            seq += 1
                             done += n
                         continue
                     for at in range(0, info.nbytes, RAW_CHUNK):  # untouched: passed through in pieces
-                        to_fold.put(("raw", None, read_bytes(reader, info, at, min(RAW_CHUNK, info.nbytes - at))))
-                to_fold.put(("close", shard, None))
-        to_fold.put(None)
+                        post(seq, ("data", None, read_bytes(reader, info, at, min(RAW_CHUNK, info.nbytes - at))))
+                        seq += 1
+                post(seq, ("close", shard, None))
+                seq += 1
+        post(seq, ("end", None, None))
+        for _ in range(workers):
+            to_fold.put(None)
+
+    def fold_pieces() -> None:
+        import torch  # waits for the import started in the background; reads and writes go on meanwhile
+
+        torch.set_num_threads(1)
+        while (msg := take(to_fold)) is not None:
+            seq, (info, dt, rows, shape), lease, out = msg
+            target = st_to_torch(dt)
+            try:
+                if abort.is_set():
+                    raise Aborted
+                fold(info.name, _typed(lease.data, st_to_torch(info.dtype), shape), plan, dtype=target,
+                     out=_typed(out.data, target, shape, writable=True), rows=rows)
+            except BaseException:
+                out.release()
+                raise
+            finally:
+                lease.release()
+            post(seq, ("data", None, out))
 
     def write() -> None:
         writer = None
+        seq = 0
         try:
-            while (msg := take(to_write)) is not None:
+            while True:
+                with ready_cv:
+                    while seq not in ready:
+                        if abort.is_set():
+                            raise Aborted
+                        ready_cv.wait(0.05)
+                    kind, shard, lease = ready.pop(seq)
+                seq += 1
                 if abort.is_set():
+                    if lease is not None:
+                        lease.release()
                     raise Aborted
-                kind, shard, lease = msg
+                if kind == "end":
+                    return
                 if kind == "open":
                     writer = DirectWriter(shard.path, direct=direct)
-                    writer.write(torch.frombuffer(bytearray(shard.head), dtype=torch.uint8))
+                    writer.write(shard.head)
                 elif kind == "close":
                     if writer.size != shard.size:
                         raise ExportError(f"{shard.path.name}: wrote {writer.size} bytes, its header needs "
@@ -360,57 +459,44 @@ def _stream(shards: list[_Shard], plan: MergePlan, *, direct: bool) -> None:
                     writer.close()
                     writer = None
                 else:
-                    writer.write(lease.data)
-                    lease.release()
+                    try:
+                        writer.write(lease.data)
+                    finally:
+                        lease.release()
         finally:
             if writer is not None:
                 writer.abort()
 
     threads = [threading.Thread(target=guarded(read), name="adapterhub-export-read", daemon=True),
                threading.Thread(target=guarded(write), name="adapterhub-export-write", daemon=True)]
-    for t in threads:
-        t.start()
+    threads += [threading.Thread(target=guarded(fold_pieces), name=f"adapterhub-export-fold-{i}", daemon=True)
+                for i in range(workers)]
     try:
-        while (msg := take(to_fold)) is not None:
-            if msg[0] != "fold":
-                to_write.put(msg)
-                continue
-            (info, dt, offset, rows, shape), lease = msg[1], msg[2]
-            target = st_to_torch(dt)
-            out = out_pool.acquire(math.prod(shape) * target.itemsize, phase=offset % ALIGN)
-            try:  # offsets are aligned to the dtype (widest first, header padded to 8): fold in place
-                fold(info.name, _typed(lease.data, st_to_torch(info.dtype), shape), plan, dtype=target,
-                     out=out.data.view(target).view(shape), rows=rows)
-            except BaseException:
-                out.release()
-                raise
-            finally:
-                lease.release()
-            to_write.put(("data", None, out))
-        to_write.put(None)
-    except Aborted:
-        pass
-    except BaseException as e:
+        start_all()
+        wait_for_all()
+    except BaseException as e:  # e.g. Ctrl-C: stop every thread before anything is removed
         errors.insert(0, e)
         abort.set()
+        wait_for_all()
     finally:
-        try:
-            for t in threads:
-                t.join()
-        except BaseException:  # e.g. Ctrl-C while waiting for the writer: stop it before anything is removed
-            abort.set()
-            for t in threads:
-                t.join()
-            raise
+        if "torch" in sys.modules:  # the workers' setting reaches process-wide pools: back to this thread's
+            torch = sys.modules["torch"]
+            torch.set_num_threads(torch.get_num_threads())
     if errors:
         raise errors[0]
 
 
-def _typed(data: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """Bytes seen as a tensor of ``dtype`` and ``shape`` (copied first if misaligned for the dtype)."""
-    if data.data_ptr() % dtype.itemsize:
-        data = data.clone()
-    return data.view(dtype).view(shape)
+def _typed(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...], *, writable: bool = False
+           ) -> torch.Tensor:
+    """Bytes seen as a tensor of ``dtype`` and ``shape``, sharing their memory; a read-only piece
+    misaligned for the dtype is copied first (an output piece must be aligned: it is written in place)."""
+    from adapterhub.streamio import as_tensor
+
+    try:
+        return as_tensor(data, dtype, shape, copy_if_misaligned=not writable)
+    except ValueError as e:
+        raise ExportError(f"an output piece is misaligned ({e}); this is a bug in adapterhub, please report "
+                          "it.") from e
 
 
 def _model_card(base: BaseCheckpoint, provenance: dict[str, Any], plan: MergePlan, unmerged: list[str]) -> str:

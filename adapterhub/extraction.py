@@ -345,11 +345,11 @@ def _stream(tensors: list[_Tensor], *, direct: bool) -> Iterator[tuple[_Tensor, 
         thread.join()
 
 
-def _typed(data: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+def _typed(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """Bytes seen as a tensor of ``dtype`` and ``shape`` (copied first if misaligned for the dtype)."""
-    if data.data_ptr() % dtype.itemsize:
-        data = data.clone()
-    return data.view(dtype).view(shape)
+    from adapterhub.streamio import as_tensor
+
+    return as_tensor(data, dtype, shape)
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -690,7 +690,7 @@ def _run(tensors: list[_Tensor], base_ckpt: BaseCheckpoint, tuned_ckpt: BaseChec
                             work = torch.empty(math.prod(shape), dtype=torch.float32)
                         _compare_piece(t, st, rows, shape, b_lease.data, t_lease.data, buffers, work)
                     finally:
-                        nbytes = b_lease.data.numel() + t_lease.data.numel()
+                        nbytes = b_lease.data.nbytes + t_lease.data.nbytes
                         b_lease.release()
                         t_lease.release()
                     if progress is not None:
@@ -734,7 +734,7 @@ def _rule(rank: int | None, energy: float | None, max_error: float | None, overs
 
 
 def _compare_piece(t: _Tensor, st: _State, rows: tuple[int, int] | None, shape: tuple[int, ...],
-                   b_raw: torch.Tensor, t_raw: torch.Tensor, buffers: _Buffers, work: torch.Tensor) -> None:
+                   b_bytes: memoryview, t_bytes: memoryview, buffers: _Buffers, work: torch.Tensor) -> None:
     """Compare one piece; from the first difference on, fill the tensor's float32 delta (zeros where
     identical) and the base's squared norm, and, for tensors that may be saved whole (role
     ``bias``/``other``), a copy of the fine-tune's values. ``work`` holds at least one piece in float32."""
@@ -743,8 +743,9 @@ def _compare_piece(t: _Tensor, st: _State, rows: tuple[int, int] | None, shape: 
     from adapterhub.dtypes import st_to_torch
 
     is_float = t.base.dtype in FLOAT_DTYPES
-    b = _typed(b_raw, st_to_torch(t.base.dtype), shape)
-    tu = _typed(t_raw, st_to_torch(t.tuned.dtype), shape)
+    b_raw, t_raw = _typed(b_bytes, torch.uint8, (b_bytes.nbytes,)), _typed(t_bytes, torch.uint8, (t_bytes.nbytes,))
+    b = _typed(b_bytes, st_to_torch(t.base.dtype), shape)
+    tu = _typed(t_bytes, st_to_torch(t.tuned.dtype), shape)
     bf = None
     if t.base.dtype == t.tuned.dtype:
         equal = _same_bytes(b_raw, t_raw)

@@ -258,9 +258,10 @@ def export_sources(sources: Sequence[str], base: str | Path, out: str | Path, *,
         ExportError, MergeError, CompatibilityError, BaseCheckpointError, StorageError: as export_merged.
     """
     from adapterhub.compose.blend import blend
-    from adapterhub.export import export_merged
+    from adapterhub.export import export_merged, import_torch_in_background
     from adapterhub.formats._files import check_directory_target
 
+    import_torch_in_background()  # needed only to fold: reading and hashing the sources overlap the import
     parsed = [parse_weighted(s) for s in sources]
     specs, weights = [s for s, _ in parsed], [w for _, w in parsed]
     options = dict(options or {})

@@ -94,6 +94,25 @@ def test_pull_and_verify_detect_a_corrupt_blob(registry_cli, tmp_path):
     assert report.exit_code == 1 and "DAMAGED" in report.output and "adapter.safetensors" in report.output
 
 
+def test_pull_verify_rehashes_a_blob_whose_stamp_is_trusted(registry_cli, tmp_path):
+    from adapterhub.registry import Registry
+
+    registry_cli("push", ADAPTERS_LIB / "minilm_lora", "team/sent")
+    reg = Registry(tmp_path / "reg")
+    weights = next(f for f in reg.manifest("team/sent")["files"] if f["path"] == "adapter.safetensors")["sha256"]
+    blob = reg.store.blob_path("sha256:" + weights)
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    reg.index.stamp("sha256:" + weights, reg._stat_stamp("sha256:" + weights))  # damage stat cannot see
+    reg.close()
+    assert registry_cli("pull", "team/sent", "-o", tmp_path / "trusted").exit_code == 0
+    bad = registry_cli("pull", "team/sent", "-o", tmp_path / "checked", "--verify")
+    assert bad.exit_code == 1 and "is corrupt (sha256 mismatch)" in bad.output and str(blob) in bad.output
+    assert not (tmp_path / "checked").exists()
+
+
 def test_demo_registry_is_valid(tmp_path, monkeypatch):
     copy = tmp_path / "demo"
     shutil.copytree(DEMO, copy, ignore=shutil.ignore_patterns("index.sqlite*", "locks", "tmp", "snapshots"))

@@ -413,3 +413,115 @@ def test_float8_weights_fold_and_fnuz_dtypes_convert(tmp_path):
     conv = export_merged(base, [], tmp_path / "bf16", dtype="bfloat16").path
     with safe_open(str(conv / "model.safetensors"), "pt") as f:
         assert torch.equal(f.get_tensor("other.weight"), other.to(torch.bfloat16))
+
+
+def _tensor_bytes(out) -> dict[str, bytes]:
+    """Each shard's tensor bytes (the header holds the export time)."""
+    got = {}
+    for f in sorted(out.glob("*.safetensors")):
+        data = f.read_bytes()
+        got[f.name] = data[8 + int.from_bytes(data[:8], "little"):]
+    return got
+
+
+def test_any_number_of_fold_workers_and_tiny_pieces_give_identical_files(sharded_base, make_peft, tmp_path,
+                                                                          monkeypatch):
+    """Pieces are folded by several threads at once and written in file order: the files are the same
+    byte for byte whatever the number of workers, with pieces of a few rows and raw pieces of a few
+    bytes (many more pieces than buffers, so a wrong order or a wait cycle would show), and torch's
+    thread setting is as it was."""
+    import adapterhub.export as export_module
+
+    a = make_peft(sharded_base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+                  seed=6)
+    b = make_peft(sharded_base, IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+                  seed=7)
+    adapters = [read_adapter(a), read_adapter(b)]
+    threads = torch.get_num_threads()
+
+    def export(workers: int, name: str, **kw) -> dict[str, bytes]:
+        monkeypatch.setattr(export_module, "fold_workers", lambda: workers)
+        return _tensor_bytes(export_merged(sharded_base, adapters, tmp_path / name, **kw).path)
+
+    assert export(1, "one") == export(3, "three")
+    assert torch.get_num_threads() == threads, "the fold workers' single-thread setting must not leak"
+    monkeypatch.setattr(export_module, "FOLD_PIECE", 700)
+    monkeypatch.setattr(export_module, "RAW_CHUNK", 333)
+    want = export(1, "tiny-1", max_shard_size="150KB")
+    assert len(want) > 1
+    for workers in (2, 5):
+        assert export(workers, f"tiny-{workers}", max_shard_size="150KB") == want, workers
+    assert torch.get_num_threads() == threads
+
+
+def test_a_fold_that_overflows_the_output_dtype_is_refused(tmp_path):
+    """A finite float32 sum that float16 cannot hold is refused on the fold path too (its check reads
+    each block's extremes, not a second pass over the output)."""
+    from safetensors.torch import save_file
+
+    from adapterhub.adapter import Adapter, LoraSpec, Tensors
+    from adapterhub.compose.merge import MergeError
+
+    base = tmp_path / "base"
+    base.mkdir()
+    w = torch.zeros(6, 4)
+    save_file({"model.layers.0.self_attn.q_proj.weight": w}, str(base / "model.safetensors"))
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 4}))
+    A = torch.zeros(1, 4)
+    B = torch.zeros(6, 1)
+    A[0, 2], B[4, 0] = 300.0, 300.0  # 90,000 at row 4, column 2: float16 holds at most 65,504
+    lora = Adapter(kind="lora", spec=LoraSpec(r=1, alpha=1, target_modules=("q_proj",)), tensors=Tensors({
+        "model.layers.0.self_attn.q_proj.lora_A": A, "model.layers.0.self_attn.q_proj.lora_B": B}))
+    with pytest.raises(MergeError, match=r"(?s)q_proj\.weight: 1 value\(s\) overflow torch.float16.*--dtype"):
+        export_merged(base, [lora], tmp_path / "out", dtype="float16")
+    assert not (tmp_path / "out").exists()
+    out = export_merged(base, [lora], tmp_path / "bf16", dtype="bfloat16").path
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight")[4, 2].item() == 90112.0  # bf16 of 90,000
+
+
+INTERRUPTED_EXPORT = """
+import sys, threading, time
+from pathlib import Path
+import adapterhub.streamio as streamio
+from adapterhub.export import export_merged
+from adapterhub.formats import read_adapter
+
+real = streamio.DirectWriter.write
+def slow(self, data):
+    if not getattr(slow, "told", False):
+        slow.told = True
+        print("WRITING", flush=True)
+    time.sleep(0.05)
+    return real(self, data)
+streamio.DirectWriter.write = slow
+base, adapter, out = sys.argv[1:]
+try:
+    export_merged(base, [read_adapter(adapter)], out)
+    print("FINISHED")
+except KeyboardInterrupt:
+    left = [t.name for t in threading.enumerate() if t.name.startswith("adapterhub-export")]
+    print("INTERRUPTED", left, sorted(p.name for p in Path(out).parent.iterdir()))
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3], ids=["while-threads-start", "while-writing"])
+def test_ctrl_c_stops_every_export_thread_and_leaves_nothing(sharded_base, make_peft, tmp_path, delay):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    a = make_peft(sharded_base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]), seed=8)
+    parent = tmp_path / "outs"
+    parent.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED_EXPORT, str(sharded_base), str(a),
+                             str(parent / "merged")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "WRITING", proc.stderr.read()
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert out.strip() == "INTERRUPTED [] []", (out, err)

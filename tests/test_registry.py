@@ -551,6 +551,99 @@ def test_pull_link_gives_hard_links_to_the_blobs(tmp_path):
         assert os.stat(copied / f["path"]).st_ino != os.stat(blob_path(root, "sha256:" + f["sha256"])).st_ino
 
 
+def _spy_hashes(monkeypatch) -> list[Path]:
+    """Every file the registry hashes (the real hash_file still runs)."""
+    from adapterhub.registry import registry as registry_module
+    from adapterhub.registry import store
+
+    hashed: list[Path] = []
+    real = store.hash_file
+
+    def spy(path, progress=None):
+        hashed.append(Path(path))
+        return real(path, progress)
+
+    monkeypatch.setattr(store, "hash_file", spy)
+    monkeypatch.setattr(registry_module, "hash_file", spy)
+    return hashed
+
+
+def test_copy_pull_trusts_an_unchanged_stamp_and_verify_rehashes_every_file(tmp_path, monkeypatch):
+    hashed = _spy_hashes(monkeypatch)
+    reg = Registry(tmp_path / "reg")
+    reg.push(LLAMA_LORA, "x")
+    blobs = sorted(file_blob(reg, "x", f["path"]) for f in reg.manifest("x")["files"])
+    hashed.clear()
+    out = reg.pull("x", tmp_path / "copy")
+    assert dir_hashes(out) == dir_hashes(LLAMA_LORA)
+    assert hashed == [], "blobs hashed at push and untouched since are copied without being read again"
+    progress: list[int] = []
+    reg.pull("x", tmp_path / "verified", verify=True, progress=progress.append)
+    assert sorted(hashed) == blobs, "verify=True re-hashes every blob"
+    assert sum(progress) == sum(f["size"] for f in reg.manifest("x")["files"])
+    hashed.clear()
+    reg.pull("x", tmp_path / "linked", link=True, verify=True)
+    assert sorted(hashed) == blobs, "so does a link pull with verify=True"
+    hashed.clear()
+    reg.pull("x", tmp_path / "linked-again", link=True)
+    reg.pull("x", tmp_path / "copy-after-links")
+    assert hashed == [], "a hard link changes only the blob's link count and ctime: its stamp is renewed"
+    weights = file_blob(reg, "x", "adapter.safetensors")
+    os.chmod(weights, 0o444)  # ctime changes: the stamp no longer vouches for the bytes
+    hashed.clear()
+    reg.pull("x", tmp_path / "after-chmod")
+    assert hashed == [weights], "a blob whose stamp changed is hashed while it is copied"
+    hashed.clear()
+    progress.clear()
+    reg.pull("x", tmp_path / "again", progress=progress.append)
+    assert hashed == [], "hashed and intact: its new stamp is recorded"
+    assert sum(progress) == sum(f["size"] for f in reg.manifest("x")["files"]), "progress counts trusted bytes"
+
+
+def test_damage_that_keeps_the_stat_stamp_is_caught_by_pull_verify(tmp_path):
+    """Bit rot below the file system changes no stat field: a plain pull trusts the stamp (the
+    documented trade-off, as git's checkout does); ``verify=True`` and ``verify()`` catch it."""
+    reg = Registry(tmp_path / "reg")
+    reg.push(LLAMA_LORA, "x")
+    weights = file_blob(reg, "x", "adapter.safetensors")
+    digest = "sha256:" + weights.parent.name + weights.name
+    corrupt_blob(weights)
+    reg.index.stamp(digest, reg._stat_stamp(digest))  # what the disk's silent corruption looks like to stat
+    out = reg.pull("x", tmp_path / "trusted")
+    assert sha256_file(out / "adapter.safetensors") == sha256_file(weights) != digest
+    for link in (False, True):
+        dest = tmp_path / f"verified-{link}"
+        with pytest.raises(IntegrityError) as e:
+            reg.pull("x", dest, link=link, verify=True)
+        assert e.value.expected == digest and not dest.exists()
+    with pytest.raises(IntegrityError):
+        reg.pull("x", tmp_path / "converted", format="peft", verify=True)
+    assert not reg.verify().ok
+
+
+def test_a_blob_changed_while_a_trusted_copy_runs_is_copied_again_hashed(tmp_path, monkeypatch):
+    reg = Registry(tmp_path / "reg")
+    reg.push(LLAMA_LORA, "x")
+    weights = file_blob(reg, "x", "adapter.safetensors")
+    real = shutil.copyfile
+    calls: list[Path] = []
+
+    def copy_then_damage(src, dst, **kw):
+        result = real(src, dst, **kw)
+        calls.append(Path(src))
+        if Path(src) == weights and len(calls) == sum(1 for c in calls if c == weights) == 1:
+            corrupt_blob(weights)  # another process writes the blob while (right after) it is copied
+        return result
+
+    monkeypatch.setattr(shutil, "copyfile", copy_then_damage)
+    parent = tmp_path / "pulls"
+    parent.mkdir()
+    with pytest.raises(IntegrityError):
+        reg.pull("x", parent / "out")
+    assert calls.count(weights) == 2, "the changed blob was copied again, hashed"
+    assert list(parent.iterdir()) == [], "and the pull left nothing"
+
+
 # --- 5. verify and gc ----------------------------------------------------------------------------
 
 

@@ -8,26 +8,33 @@ import random
 import threading
 
 import pytest
-import torch
 
 from adapterhub import streamio
 from adapterhub.errors import CorruptFileError
-from adapterhub.streamio import ALIGN, STAGING_BYTES, Aborted, BufferPool, DirectReader, DirectWriter, aligned_empty
+from adapterhub.streamio import (
+    ALIGN,
+    STAGING_BYTES,
+    Aborted,
+    BufferPool,
+    DirectReader,
+    DirectWriter,
+    address,
+    aligned_buffer,
+)
 
 
-def pieces(seed: int) -> list[torch.Tensor]:
+def pieces(seed: int) -> list[memoryview]:
     """Byte pieces of awkward sizes; some sit at the file's block phase (zero-copy), some do not."""
     rng = random.Random(seed)
     sizes = [0, 1, 7, ALIGN - 1, ALIGN, ALIGN + 1, 3 * ALIGN + 17, STAGING_BYTES + 5, 2 * STAGING_BYTES + ALIGN,
              rng.randrange(1, 5 << 20)] + [rng.randrange(1, 300_000) for _ in range(12)]
     rng.shuffle(sizes)
-    gen = torch.Generator().manual_seed(seed)
     out, pos = [], 0
     for n in sizes:
         phase = pos % ALIGN if rng.random() < 0.5 else rng.randrange(ALIGN)
-        buf = aligned_empty(phase + n)[phase:]
-        buf.copy_(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen))
-        out.append(buf)
+        buf = aligned_buffer(phase + n)[phase:]
+        buf[:] = rng.randbytes(n)
+        out.append(buf if rng.random() < 0.8 else bytes(buf))  # read-only bytes have no usable address: staged
         pos += n
     return out
 
@@ -38,9 +45,9 @@ def test_writer_writes_exactly_the_bytes(tmp_path, direct):
     w = DirectWriter(tmp_path / "f", direct=direct)
     for p in parts:
         w.write(p)
-    assert w.size == sum(p.numel() for p in parts)
+    assert w.size == sum(len(p) for p in parts)
     w.close()
-    assert (tmp_path / "f").read_bytes() == b"".join(p.numpy().tobytes() for p in parts)
+    assert (tmp_path / "f").read_bytes() == b"".join(bytes(p) for p in parts)
 
 
 def test_writer_uses_direct_io_where_the_file_system_has_it(tmp_path):
@@ -71,12 +78,12 @@ def test_writer_falls_back_to_buffered_when_the_device_refuses_alignment(tmp_pat
         w.write(p)
     w.close()
     assert refused and not w.direct
-    assert (tmp_path / "f").read_bytes() == b"".join(p.numpy().tobytes() for p in parts)
+    assert (tmp_path / "f").read_bytes() == b"".join(bytes(p) for p in parts)
 
 
 def test_writer_abort_closes_without_finishing(tmp_path):
     w = DirectWriter(tmp_path / "f")
-    w.write(torch.ones(10, dtype=torch.uint8))
+    w.write(b"\x01" * 10)
     w.abort()
     w.abort()
     assert w.fd == -1
@@ -93,7 +100,7 @@ def test_reader_reads_any_range(tmp_path, direct):
     with DirectReader(direct=direct) as reader:
         for offset, n in ranges:
             lease = reader.read(tmp_path / "f", offset, n, pool)
-            assert lease.data.numpy().tobytes() == data[offset:offset + n], (offset, n)
+            assert bytes(lease.data) == data[offset:offset + n], (offset, n)
             lease.release()
 
 
@@ -121,14 +128,14 @@ def test_reader_falls_back_to_buffered_when_the_device_refuses_alignment(tmp_pat
     monkeypatch.setattr(streamio.os, "preadv", preadv)
     with DirectReader() as reader:
         lease = reader.read(tmp_path / "f", 5, 90_000, BufferPool(1))
-        assert lease.data.numpy().tobytes() == data[5:90_005]
+        assert bytes(lease.data) == data[5:90_005]
 
 
 def test_pool_is_bounded_reuses_buffers_and_honours_phase():
     abort = threading.Event()
     pool = BufferPool(2, abort)
     a = pool.acquire(10_000, phase=100)
-    assert a.data.data_ptr() % ALIGN == 100 and a.data.numel() == 10_000
+    assert address(a.data) % ALIGN == 100 and a.data.nbytes == 10_000
     b = pool.acquire(5)
     got = []
     t = threading.Thread(target=lambda: got.append(pool.acquire(8_000)))
@@ -137,7 +144,7 @@ def test_pool_is_bounded_reuses_buffers_and_honours_phase():
     assert t.is_alive() and not got, "a third lease must wait for a release"
     a.release()
     t.join(5)
-    assert got and got[0].data.data_ptr() == a.data.data_ptr() - 100, "the released buffer is reused"
+    assert got and address(got[0].data) == address(a.data) - 100, "the released buffer is reused"
     b.release()
     got[0].release()
     pool.acquire(1)
@@ -147,6 +154,43 @@ def test_pool_is_bounded_reuses_buffers_and_honours_phase():
         pool.acquire(1)
 
 
-def test_aligned_empty_is_aligned():
-    for n in (0, 1, 4095, 1 << 20):
-        assert aligned_empty(n).data_ptr() % ALIGN == 0 and aligned_empty(n).numel() == n
+def test_aligned_buffer_is_aligned_writable_and_zeroed():
+    assert aligned_buffer(0).nbytes == 0
+    for n in (1, 4095, 1 << 20, 5 << 20):
+        buf = aligned_buffer(n)
+        assert address(buf) % ALIGN == 0 and buf.nbytes == n and not buf.readonly
+        assert bytes(buf[-3:]) == bytes(min(3, n))
+    assert address(memoryview(b"read-only")) is None
+
+
+def test_a_large_direct_read_is_split_into_reads_in_flight_and_stays_exact(tmp_path, monkeypatch):
+    data = os.urandom(3 * streamio.SPLIT_READ + 4321)
+    (tmp_path / "f").write_bytes(data)
+    real = os.preadv
+    calls: list[tuple[int, str]] = []
+    refuse = threading.Event()
+
+    def preadv(fd, buffers, offset):
+        calls.append((offset, threading.current_thread().name))
+        if refuse.is_set() and offset > 0:
+            refuse.clear()
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(streamio.os, "preadv", preadv)
+    pool = BufferPool(1)
+    with DirectReader() as reader:
+        lease = reader.read(tmp_path / "f", 7, len(data) - 7, pool)
+        assert bytes(lease.data) == data[7:]
+        lease.release()
+        if not reader._files[tmp_path / "f"][1]:
+            pytest.skip("this file system refuses O_DIRECT")
+        assert len({offset for offset, _ in calls}) >= streamio.READS_IN_FLIGHT
+        assert len({name for _, name in calls}) >= 2, "the parts were read by more than one thread"
+        with pytest.raises(CorruptFileError, match="truncated"):
+            reader.read(tmp_path / "f", len(data) - streamio.SPLIT_READ, 3 * streamio.SPLIT_READ, pool)
+        refuse.set()  # a part refused by the device: the whole range is read again, buffered
+        lease = reader.read(tmp_path / "f", 4096, 2 * streamio.SPLIT_READ + 5, pool)
+        assert bytes(lease.data) == data[4096:4096 + 2 * streamio.SPLIT_READ + 5]
+        lease.release()
+    pool.acquire(1).release()

@@ -161,8 +161,12 @@ def fold(name: str, weight: torch.Tensor, plan: MergePlan, *, dtype: torch.dtype
     if weight.dim() == 2 and all(f.role in ("lora", "lora_embedding") for f in folds):
         if out is None:
             out = torch.empty(weight.shape, dtype=dtype)
-        finite = _addmm_blocked(weight, *_lora_factors(plan, folds, rows), out)
+        finite, rounds_finite = _addmm_blocked(weight, *_lora_factors(plan, folds, rows), out)
+        if finite and not rounds_finite:
+            _check_range(name, out, weight)  # raises (its count needs the rounded values)
+        checked = True
     else:
+        checked = False
         w = _fold_general(name, weight, plan, folds, rows)
         finite = _all_finite(w)
         out = w.to(dtype) if out is None else out.copy_(w)
@@ -172,7 +176,8 @@ def fold(name: str, weight: torch.Tensor, plan: MergePlan, *, dtype: torch.dtype
         where = f" (rows {rows[0]}-{rows[1] - 1})" if rows else ""
         raise MergeError(f"folding into {name} gives {bad} NaN/Inf value(s){where} (from {', '.join(sources)}).\n"
                          "  fix: check the adapter's weights and the blend weights; nothing was written.")
-    _check_range(name, out, weight)
+    if not checked:
+        _check_range(name, out, weight)
     return out
 
 
@@ -212,9 +217,11 @@ def _lora_factors(plan: MergePlan, folds: list[Fold], rows: tuple[int, int] | No
     return torch.cat(lefts, dim=1).contiguous(), torch.cat(rights, dim=0).contiguous()
 
 
-def _addmm_blocked(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> bool:
+def _addmm_blocked(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor
+                   ) -> tuple[bool, bool]:
     """``out = weight + left @ right``, computed in float32 one row block at a time and rounded to ``out``;
-    whether every float32 value was finite."""
+    whether every float32 value was finite, and whether every one stays finite rounded to ``out``'s
+    dtype (rounding is monotonic, so the smallest and largest value of each block decide it)."""
     import torch
 
     rows, cols = weight.shape
@@ -224,16 +231,21 @@ def _addmm_blocked(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor
     dtype = out.dtype
     step = max(1, BLOCK_BYTES // (4 * max(cols, 1)))
     scratch = None if dtype == torch.float32 else torch.empty((min(step, rows), cols), dtype=torch.float32)
-    finite = True
+    narrow = out.is_floating_point() and torch.finfo(dtype).max < torch.finfo(torch.float32).max
+    finite = rounds_finite = True
     for i in range(0, rows, step):
         j = min(i + step, rows)
         block = out[i:j] if scratch is None else scratch[: j - i]
         block.copy_(weight[i:j])
         block.addmm_(left[i:j], right)
-        finite = _all_finite(block) and finite  # checked while the block is in cache
+        if block.numel():  # checked while the block is in cache
+            lo, hi = torch.aminmax(block)
+            finite = bool(torch.isfinite(lo) & torch.isfinite(hi)) and finite
+            if narrow and finite:
+                rounds_finite = bool(torch.isfinite(torch.stack((lo, hi)).to(dtype).float()).all()) and rounds_finite
         if scratch is not None:
             out[i:j].copy_(block)
-    return finite
+    return finite, rounds_finite
 
 
 def _all_finite(t: torch.Tensor) -> bool:

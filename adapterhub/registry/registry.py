@@ -1051,15 +1051,18 @@ class Registry:
         return PullFormat(stored, stored, f"{why}: written in the stored {_FORMAT_NAMES[stored]} format{hint}")
 
     def pull(self, ref: str | Ref, out: str | Path, *, format: str | None = None, overwrite: bool = False,
-             link: bool = False, progress: Progress | None = None) -> Path:
-        """Write the version to ``out``, every hash checked: in its stored format (``format=None``),
-        converted to ``format``, or with ``format="auto"`` (the CLI's default) in PEFT's format where
-        PEFT can express the adapter (:meth:`pull_format`).
+             link: bool = False, verify: bool = False, progress: Progress | None = None) -> Path:
+        """Write the version to ``out``, every file checked against its hash: in its stored format
+        (``format=None``), converted to ``format``, or with ``format="auto"`` (the CLI's default) in
+        PEFT's format where PEFT can express the adapter (:meth:`pull_format`).
 
-        A copy re-hashes every file while copying it. ``link`` hard-links the files from the store
+        What is checked how: a blob whose stat stamp (inode, size, mtime, ctime) is unchanged since
+        it was last hashed (at its push, an earlier pull or ``verify``) is trusted without being read
+        again, as git trusts its index on checkout; any other blob is hashed while it is copied (or
+        before it is linked), and a mismatch raises and leaves no output. ``verify`` re-hashes every
+        blob whatever its stamp. A copy is in-kernel; ``link`` hard-links the files from the store
         instead (same file system; the files are read-only and shared with the registry: never modify
-        them) and re-hashes only blobs whose inode, size, mtime or ctime changed since they were last
-        hashed (at push or by ``verify``), so it is O(1) in the file size; ``verify`` re-hashes all.
+        them). Stamps describe files of this machine's store only.
         """
         from adapterhub.formats import write_adapter
         from adapterhub.formats._files import atomic_directory, check_directory_target
@@ -1071,6 +1074,9 @@ class Registry:
         if format is not None:
             format = self.pull_format(res.ref, format).format
         if format is not None and format != manifest["format"]:
+            if verify:
+                for f in manifest["files"]:
+                    self.check_blob("sha256:" + f["sha256"], res.ref, progress)
             adapter = self.load(res)
             return write_adapter(adapter, out, format=format, overwrite=overwrite)
         if link and not isinstance(self.store, LocalStore):
@@ -1081,29 +1087,57 @@ class Registry:
                 digest = "sha256:" + f["sha256"]
                 dest = tmp / _safe_rel(f["path"])
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                if not isinstance(self.store, LocalStore):
+                if not isinstance(self.store, LocalStore):  # a remote blob is always hashed on arrival
                     self._download(digest, dest, res.ref, progress)
                 elif link:
-                    os.link(self._verified_blob(digest, res.ref, progress, trust_stamp=True), dest)
-                else:
+                    self._link_verified(digest, dest, res.ref, progress, verify)
+                elif verify or not self._copy_trusted(digest, dest, progress):
                     self._copy_verified(digest, dest, res.ref, progress)
         return out
 
+    def _link_verified(self, digest: str, dest: Path, ref: str, progress: Progress | None, verify: bool) -> None:
+        """Hard-link a blob after checking it. A new link changes the blob's ctime (its link count), so
+        its stamp is recorded again when nothing but that changed (same inode, size and mtime)."""
+        blob = self._verified_blob(digest, ref, progress, trust_stamp=not verify)
+        before = self._stat_stamp(digest)
+        os.link(blob, dest)
+        after = self._stat_stamp(digest)
+        if (before is not None and after is not None and self.index.stamped(digest) == before
+                and after.rsplit(":", 1)[0] == before.rsplit(":", 1)[0]):
+            self.index.stamp(digest, after)
+
+    def _copy_trusted(self, digest: str, dest: Path, progress: Progress | None) -> bool:
+        """Copy a blob (in-kernel) without reading it here if its stat stamp is the one recorded when it
+        was last hashed, before and after the copy; False (and nothing trusted) otherwise."""
+        stamp = self._stat_stamp(digest)
+        if stamp is None or self.index.stamped(digest) != stamp:
+            return False
+        src = self.store.blob_path(digest)
+        shutil.copyfile(src, dest)
+        if self._stat_stamp(digest) != stamp:  # changed while being copied: copy it again, hashed
+            return False
+        if progress:
+            progress(int(stamp.split(":")[1]))
+        return True
+
     def _copy_verified(self, digest: str, dest: Path, ref: str, progress: Progress | None) -> None:
         """Copy a blob (in-kernel) while another thread hashes it; a mismatch raises after the copy,
-        and the caller's staging directory is then discarded."""
+        and the caller's staging directory is then discarded. A match records the blob's stamp."""
         from concurrent.futures import ThreadPoolExecutor
 
         assert isinstance(self.store, LocalStore)
         src = self.store.blob_path(digest)
         if not src.is_file():
             self._verified_blob(digest, ref, progress)  # raises with the message
+        stamp = self._stat_stamp(digest)
         with ThreadPoolExecutor(1) as pool:
             hashed = pool.submit(hash_file, src, progress)
             shutil.copyfile(src, dest)
             actual, _ = hashed.result()
         if actual != digest:
             raise corrupt(digest, actual, src, ref)
+        if stamp is not None and self._stat_stamp(digest) == stamp:
+            self.index.stamp(digest, stamp)
 
     # --- gc, verify ----------------------------------------------------------------------------
 
