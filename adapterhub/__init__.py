@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 #: names served lazily, so that ``import adapterhub`` imports neither torch nor the runtime
 _LAZY = {"Sum": "adapterhub.runtime.compose", "Stack": "adapterhub.runtime.compose",
          "Average": "adapterhub.runtime.compose", "Attached": "adapterhub.runtime.attached",
-         "extract": "adapterhub.extraction"}
+         "extract": "adapterhub.extraction",
+         "Pool": "adapterhub.serving"}
 
 
 def __getattr__(name: str) -> Any:

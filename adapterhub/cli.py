@@ -25,6 +25,7 @@ import click
 
 from adapterhub import errors
 from adapterhub.compose.blend import METHODS, all_options
+from adapterhub.compose.vllm import VLLM_MAX_LORA_RANKS
 
 EXIT_OK = 0
 EXIT_FAILED = 1       # the command ran and failed or found a problem: incompatible, damaged, storage, refused
@@ -375,32 +376,39 @@ def _human(n: float) -> str:
     return str(n)
 
 
-@cli.command(short_help="Check that an adapter fits a base model.")
+@cli.command(short_help="Check that an adapter fits a base model (or vLLM).")
 @click.argument("adapter", type=click.Path(file_okay=False, path_type=str))
-@click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False, path_type=str),
-              help="Base model directory (config.json + safetensors).")
+@click.option("--base", "base_dir", type=click.Path(file_okay=False, path_type=str),
+              help="Base model directory (config.json + safetensors). Required unless --for is given.")
+@click.option("--for", "target", type=click.Choice(["vllm"]),
+              help="Also check what this server would refuse (vLLM: its LoRA loader's rules).")
+@click.option("--max-lora-rank", type=click.Choice([str(n) for n in VLLM_MAX_LORA_RANKS]), default=None,
+              help="With --for vllm: the --max-lora-rank vLLM is started with (default 16).")
 @click.option("--strict-identity", is_flag=True, help="A different recorded base name is an error, not a warning.")
 @allow_pickle_option
 @json_option
-def check(adapter: str, base_dir: str, strict_identity: bool, allow_pickle: bool, as_json: bool) -> None:
-    """Check that ADAPTER applies to the base model at --base.
+def check(adapter: str, base_dir: str | None, target: str | None, max_lora_rank: str | None, strict_identity: bool,
+          allow_pickle: bool, as_json: bool) -> None:
+    """Check that ADAPTER applies to the base model at --base, and/or that vLLM would load it (--for vllm).
 
     Exit status: 0 compatible, 1 incompatible, 2 unreadable input.
     """
-    from adapterhub.base import BaseCheckpoint
-    from adapterhub.compose.checks import check_adapter
-    from adapterhub.formats import read_adapter
+    from adapterhub.compose.vllm import check_directory
 
-    a = read_adapter(adapter, allow_pickle=allow_pickle)
-    base = BaseCheckpoint.open(base_dir)
-    report = check_adapter(a, base, subject=adapter, strict_identity=strict_identity)
+    if base_dir is None and target is None:
+        raise click.UsageError("give --base BASE_DIR, --for vllm, or both.")
+    if max_lora_rank is not None and target != "vllm":
+        raise click.UsageError("--max-lora-rank goes with --for vllm.")
+    reports = check_directory(adapter, base=base_dir, target=target, strict_identity=strict_identity,
+                              max_lora_rank=int(max_lora_rank or 16), allow_pickle=allow_pickle)
     if as_json:
-        _emit_json(report.to_dict())
+        _emit_json(reports[0].to_dict() if len(reports) == 1 else [r.to_dict() for r in reports])
     else:
-        for p in report.problems:
-            click.echo(p.line())
-        click.echo(report.summary())
-    sys.exit(EXIT_OK if report.ok else EXIT_INCOMPATIBLE)
+        for report in reports:
+            for p in report.problems:
+                click.echo(p.line())
+            click.echo(report.summary())
+    sys.exit(EXIT_OK if all(r.ok for r in reports) else EXIT_INCOMPATIBLE)
 
 
 @cli.command(short_help="Write an adapter in another format.")

@@ -330,3 +330,26 @@ class VersionConflictError(VersionExistsError):
         super().__init__(message, ref=ref)
         self.ours = ours
         self.theirs = theirs
+
+
+# --- multi-tenant serving (adapterhub.runtime.pool, issue 14) ---------------------------------------
+
+
+class PoolError(AdapterHubError, ValueError):
+    """A batch (or a pool operation) the adapter pool refuses; it is refused before anything runs, and no
+    slot, no weight and no earlier state changes.
+
+    ``row`` is the batch row at fault (None when the fault is not one row's), ``ref`` what that row
+    named, ``reports`` the compatibility reports when the adapter does not fit the model.
+    """
+
+    def __init__(self, message: str, *, row: int | None = None, ref: str | None = None,
+                 reports: list[object] | None = None) -> None:
+        super().__init__(message)
+        self.row = row
+        self.ref = ref
+        self.reports = list(reports or [])
+
+
+class VllmOptionError(AdapterHubError, ValueError):
+    """A vLLM option adapterhub was asked to check against is not one vLLM accepts (``--max-lora-rank``)."""

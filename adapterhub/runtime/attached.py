@@ -53,6 +53,9 @@ def attach(model: nn.Module, composition: Any, *, merge: bool = False, prefix_po
         >>> with attach(model, Stack(bn_task, Sum(lora_a, lora_b, weights=[0.7, 0.3]))) as attached:  # doctest: +SKIP
         ...     logits = model(input_ids).logits
     """
+    if model.__dict__.get("_adapterhub_pool") is not None:
+        raise AttachedStateError(f"{type(model).__name__} serves an adapter pool (adapterhub.runtime.pool).\n"
+                                 "  fix: close the pool first, or serve the composition as a pool row.")
     current = attached_to(model)
     if current is not None:
         raise AttachedStateError(f"{type(model).__name__} already has a composition attached: {current.composition!r}."

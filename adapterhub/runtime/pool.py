@@ -1,0 +1,521 @@
+"""Multi-tenant serving: one resident base model, many adapters loaded on demand, one adapter per batch row.
+
+``Pool(model, slots=S, max_rank=R, resolve=...)`` installs a :class:`~adapterhub.runtime.slots.SlotSite`
+on every targeted Linear module (the weights are never written) and keeps up to ``S`` adapters in
+fixed-shape slot buffers. ``pool.forward(adapters=[...], **inputs)`` runs a batch whose row ``i`` gets
+``adapters[i]``: a reference (what ``resolve`` turns into an Adapter: a registry reference, a
+directory), an :class:`~adapterhub.adapter.Adapter`, a ``Sum``/``Stack``/``Average`` of LoRAs (or a
+``Sum``/``Stack`` of IA3 adapters), or None for the bare base. Adapters not resident are read,
+checked against the model (the checks ``attach`` runs) and copied into free slots, evicting the least
+recently used unpinned ones; every row is checked before anything is loaded, evicted or run, and a
+refusal names the row.
+
+The registry-aware constructor lives above the runtime: ``adapterhub.Pool(model, registry=PATH, ...)``.
+
+Not thread-safe: one batch at a time. Runs in eval semantics under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapterhub.adapter import Adapter
+from adapterhub.errors import AdapterHubError, AttachedStateError, AttachError, CompositionError, PoolError
+from adapterhub.runtime.compose import Block, as_tree, linear_terms
+from adapterhub.runtime.linear import is_linear_like
+from adapterhub.runtime.plan import label, make_plan
+from adapterhub.runtime.slots import SlotSite, SlotState
+
+#: where a model keeps its open pool (a plain attribute, removed by close)
+_ATTR = "_adapterhub_pool"
+_KINDS = ("lora", "ia3")
+
+
+@dataclass
+class _Entry:
+    """One resident adapter (or composition): its slot and what keeps it there."""
+
+    ident: Hashable
+    slot: int
+    label: str
+    tree: Block  # its leaves are Adapter values (kept alive while resident)
+    rank: int
+    nbytes: int
+    pins: int = 0
+    keys: set[Hashable] = field(default_factory=set)
+
+
+@dataclass
+class _Payload:
+    """What one row's adapter writes into its slot, computed and checked before anything is written."""
+
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ia3: dict[str, dict[str, torch.Tensor]]
+    rank: int
+    nbytes: int
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Pool:
+    """Up to ``slots`` adapters of rank at most ``max_rank`` resident on one live model, one per batch row.
+
+    Args:
+        model: a transformers model (moved to its device and dtype first), used as is; its weights are
+            never written.
+        slots: how many adapters stay resident (slot buffers are allocated once, for all of them).
+        max_rank: the largest LoRA rank a slot holds (a composition's ranks add up); lower ranks are
+            zero-padded, which is exact.
+        targets: the modules that get slots: ``"all-linear"`` (every Linear but the output layer, as
+            PEFT's ``all-linear``) or module names (a name matches a module whose path equals it or ends
+            with ``.name``). An adapter reaching beyond them is refused.
+        resolve: turns a row that is not an Adapter (a reference, a directory) into one.
+
+    Example:
+        >>> pool = Pool(model, slots=64, max_rank=16, resolve=my_resolver)  # doctest: +SKIP
+        >>> out = pool.forward(adapters=["team/a@2", None, "team/b"], input_ids=ids)  # doctest: +SKIP
+
+    Memory: ``(slots + 1) * max_rank * (in + out)`` elements of the model's dtype per targeted module,
+    allocated once; IA3 adds ``(slots + 1) * in`` (or ``out``) float32 elements for a module the first
+    time an IA3 adapter scales it there.
+    """
+
+    def __init__(self, model: nn.Module, *, slots: int = 8, max_rank: int = 16,
+                 targets: str | Sequence[str] = "all-linear",
+                 resolve: Callable[[Any], Adapter] | None = None) -> None:
+        if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
+            raise PoolError("a pool needs a transformers model (an nn.Module with a .config), got "
+                            f"{type(model).__name__}.")
+        for name, value in (("slots", slots), ("max_rank", max_rank)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PoolError(f"{name} must be a positive integer, not {value!r}.")
+        from adapterhub.runtime.attached import attached_to
+
+        if attached_to(model) is not None or model.__dict__.get(_ATTR) is not None:
+            what = "a pool" if model.__dict__.get(_ATTR) is not None else "a composition attached"
+            raise AttachedStateError(f"{type(model).__name__} already has {what}.\n"
+                                     "  fix: close the pool / detach the composition first.")
+        self.model = model
+        self.slots = slots
+        self.max_rank = max_rank
+        self._resolve = resolve
+        self._state = SlotState()
+        self._runner: Callable[..., Any] = model
+        self._sites: dict[str, SlotSite] = {}
+        paths = _targets(model, targets)
+        if not paths:
+            raise PoolError(f"no Linear module of {type(model).__name__} matches targets={targets!r}.\n"
+                            "  fix: name modules the model has (e.g. q_proj, v_proj), or use 'all-linear'.")
+        sites = {p: SlotSite(model.get_submodule(p), p, self._state, slots=slots, max_rank=max_rank) for p in paths}
+        done: list[SlotSite] = []
+        try:
+            for site in sites.values():
+                site.install()
+                done.append(site)
+        except BaseException:
+            for site in reversed(done):
+                site.uninstall()
+            raise
+        self._sites = sites
+        self._device = next(iter(sites.values())).a.device
+        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()  # least recently used first
+        self._alias: dict[Hashable, Hashable] = {}  # row key -> entry identity
+        self._free = list(range(slots, 0, -1))  # slot 0 is "no adapter"
+        self.counters = {"loads": 0, "hits": 0, "evictions": 0, "batches": 0, "ia3_sides": 0}
+        self.open = True
+        model.__dict__[_ATTR] = self
+
+    # --- running batches -------------------------------------------------------------------------
+
+    def forward(self, adapters: Sequence[Any], **inputs: Any) -> Any:
+        """``model(**inputs)`` with row ``i`` running ``adapters[i]`` (None: the bare base); returns what the
+        model returns.
+
+        Raises:
+            PoolError: a row's adapter is unknown, does not fit the model, has a rank above ``max_rank``,
+                targets a module without slots, or the batch needs more slots than are free; raised
+                before anything is loaded, evicted or run, naming the row.
+        """
+        slots = self.prepare(adapters, _batch_size(inputs, "forward"))
+        with self._running(slots), torch.no_grad():
+            return self._runner(**inputs)
+
+    __call__ = forward
+
+    def generate(self, adapters: Sequence[Any], **generate_kwargs: Any) -> Any:
+        """``model.generate(**generate_kwargs)`` with row ``i`` of the prompts running ``adapters[i]``.
+
+        Greedy decoding, sampling and beam search work; rows that ``generate`` expands (``num_beams``,
+        ``num_return_sequences``) keep their row's adapter. Raises as :meth:`forward`.
+        """
+        if not callable(getattr(self.model, "generate", None)):
+            raise PoolError(f"{type(self.model).__name__} has no generate(); use pool.forward().")
+        slots = self.prepare(adapters, _batch_size(generate_kwargs, "generate"))
+        with self._running(slots), torch.no_grad():
+            return self.model.generate(**generate_kwargs)
+
+    def compile(self, **options: Any) -> None:
+        """Run :meth:`forward` through ``torch.compile(model, **options)``. Loading and evicting adapters
+        never changes a tensor shape, so they cause no recompilation (see the README for what does)."""
+        self._require_open()
+        self._runner = torch.compile(self.model, **options)
+
+    class _Running:
+        def __init__(self, pool: Pool, slots: list[int]) -> None:
+            self.pool, self.slots = pool, slots
+
+        def __enter__(self) -> None:
+            idx = torch.tensor(self.slots, dtype=torch.long, device=self.pool._device)
+            self.pool._state.set(idx, has_none=0 in self.slots)
+
+        def __exit__(self, *exc: object) -> None:
+            self.pool._state.set(None)
+
+    def _running(self, slots: list[int]) -> Pool._Running:
+        self.counters["batches"] += 1
+        return Pool._Running(self, slots)
+
+    # --- what is resident ------------------------------------------------------------------------
+
+    def prepare(self, adapters: Sequence[Any], batch_size: int | None = None) -> list[int]:
+        """Make every row's adapter resident (loading, checking and evicting as needed); the slot per row.
+
+        Everything is resolved and checked before the first slot is written: a refused batch changes
+        nothing. Raises :class:`PoolError` naming the row at fault.
+        """
+        self._require_open()
+        if isinstance(adapters, str | Adapter | Block) or not isinstance(adapters, Sequence):
+            raise PoolError("adapters must be a list with one entry per batch row (None for no adapter), not "
+                            f"{type(adapters).__name__}.\n  fix: adapters=[...] as long as the batch.")
+        rows = list(adapters)
+        if batch_size is not None and len(rows) != batch_size:
+            raise PoolError(f"the batch has {batch_size} row(s) but {len(rows)} adapter(s) were given.\n"
+                            "  fix: give one entry per row (None for a row without adapter).")
+        row_ident: list[Hashable | None] = []
+        aliases: dict[Hashable, Hashable] = {}
+        new: dict[Hashable, tuple[int, str, Block]] = {}
+        for i, row in enumerate(rows):
+            if row is None:
+                row_ident.append(None)
+                continue
+            key = _row_key(row, i)
+            ident = self._alias.get(key, aliases.get(key))
+            if ident is None or (ident not in self._entries and ident not in new):
+                tree, ident = self._resolve_row(row, i)
+                aliases[key] = ident
+                if ident not in self._entries and ident not in new:
+                    new[ident] = (i, _label(row), tree)
+            row_ident.append(ident)
+        needed = {x for x in row_ident if x is not None}
+        if len(needed) > self.slots:
+            raise PoolError(f"the batch needs {len(needed)} different adapters but the pool has {self.slots} slots.\n"
+                            "  fix: split the batch, or build the pool with more slots.")
+        evictable = sum(1 for e in self._entries.values() if e.pins == 0 and e.ident not in needed)
+        if len(new) > len(self._free) + evictable:
+            pinned = sum(1 for e in self._entries.values() if e.pins)
+            raise PoolError(f"the batch needs {len(new)} adapter(s) loaded but only {len(self._free) + evictable} "
+                            f"slot(s) can be freed ({pinned} pinned).\n  fix: unpin adapters, or build the pool with "
+                            "more slots.")
+        payloads = {ident: self._payload(i, lab, tree) for ident, (i, lab, tree) in new.items()}
+        for ident, (_, lab, tree) in new.items():
+            slot = self._free.pop() if self._free else self._evict_lru(keep=needed)
+            self._write(slot, payloads[ident])
+            self._entries[ident] = _Entry(ident, slot, lab, tree, payloads[ident].rank, payloads[ident].nbytes)
+            self.counters["loads"] += 1
+        for key, ident in aliases.items():
+            self._alias[key] = ident
+            self._entries[ident].keys.add(key)
+        self.counters["hits"] += sum(1 for x in needed if x not in new)
+        out = []
+        for ident in row_ident:
+            if ident is None:
+                out.append(0)
+            else:
+                self._entries.move_to_end(ident)
+                out.append(self._entries[ident].slot)
+        return out
+
+    def load(self, adapter: Any) -> int:
+        """Make ``adapter`` resident (as a batch row would); its slot."""
+        return self.prepare([adapter])[0]
+
+    def pin(self, adapter: Any) -> int:
+        """Load ``adapter`` if needed and keep it resident until :meth:`unpin` (pins count); its slot."""
+        slot = self.load(adapter)
+        self._entry_of(adapter).pins += 1
+        return slot
+
+    def unpin(self, adapter: Any) -> None:
+        """Undo one :meth:`pin`."""
+        entry = self._entry_of(adapter)
+        if entry.pins == 0:
+            raise PoolError(f"{entry.label} is not pinned.")
+        entry.pins -= 1
+
+    def evict(self, adapter: Any) -> None:
+        """Free ``adapter``'s slot now (a moved tag or a changed directory is read again on next use)."""
+        entry = self._entry_of(adapter)
+        if entry.pins:
+            raise PoolError(f"{entry.label} is pinned ({entry.pins}x) and cannot be evicted.\n  fix: unpin it first.")
+        self._drop(entry)
+
+    def resident(self) -> list[dict[str, Any]]:
+        """What each used slot holds, least recently used first."""
+        return [{"label": e.label, "slot": e.slot, "rank": e.rank, "pins": e.pins, "bytes": e.nbytes}
+                for e in self._entries.values()]
+
+    def __contains__(self, adapter: Any) -> bool:
+        ident = self._alias.get(_row_key(adapter, 0)) if adapter is not None else None
+        return ident is not None and ident in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every slot buffer (allocated once: the pool's whole memory, however many adapters pass)."""
+        return sum(s.nbytes for s in self._sites.values())
+
+    def base_nbytes(self) -> int:
+        """Bytes of the model's parameters and buffers (each storage counted once)."""
+        seen: set[int] = set()
+        total = 0
+        for t in [*self.model.parameters(), *self.model.buffers()]:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += t.untyped_storage().nbytes()
+        return total
+
+    def stats(self) -> dict[str, Any]:
+        """Slots used and pinned, loads, hits, evictions, batches, the pool's and the base's bytes."""
+        return {"slots": self.slots, "max_rank": self.max_rank, "modules": len(self._sites),
+                "used": len(self._entries), "pinned": sum(1 for e in self._entries.values() if e.pins),
+                **self.counters, "pool_bytes": self.nbytes, "base_bytes": self.base_nbytes()}
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (f"<Pool {s['used']}/{s['slots']} slots used, max_rank {self.max_rank}, {s['modules']} modules, "
+                f"{s['pool_bytes'] / 2**20:.2f} MiB of slots{'' if self.open else ', closed'}>")
+
+    # --- closing ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Remove every installed forward: the model is exactly as before. Idempotent."""
+        if not self.open:
+            return
+        blocked = [s.path for s in self._sites.values() if s.installed and s.module.__dict__.get("forward") is not s]
+        if blocked:
+            raise AttachedStateError(f"the forward of {', '.join(blocked[:4])} was replaced by someone else after the "
+                                     "pool installed its own; nothing was removed.\n  fix: remove that wrapper first.")
+        for site in reversed(list(self._sites.values())):
+            site.uninstall()
+        self._sites = {}
+        self._entries.clear()
+        self._alias.clear()
+        self._runner = self.model
+        self.open = False
+        if self.model.__dict__.get(_ATTR) is self:
+            del self.model.__dict__[_ATTR]
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _require_open(self) -> None:
+        if not self.open:
+            raise AttachedStateError("this pool was closed.\n  fix: build a new Pool.")
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _resolve_row(self, row: Any, i: int) -> tuple[Block, Hashable]:
+        """The row as a tree of Adapter values, and the identity of what it names (so that two
+        references to one registry version share a slot)."""
+        def leaf(x: Any) -> Adapter:
+            if isinstance(x, Adapter):
+                return x
+            if self._resolve is None:
+                raise PoolError(f"row {i}: {x!r} is no Adapter, and the pool has no resolver.\n"
+                                "  fix: build it with adapterhub.Pool(model, registry=...) to serve registry "
+                                "references and directories, or pass Adapter values.", row=i, ref=_label(row))
+            out = self._resolve(x)
+            if not isinstance(out, Adapter):
+                raise PoolError(f"row {i}: the resolver turned {x!r} into a {type(out).__name__}, not an Adapter.",
+                                row=i, ref=_label(row))
+            return out
+
+        try:
+            tree = as_tree(row).map_leaves(leaf)
+        except PoolError:
+            raise
+        except AdapterHubError as e:
+            raise _row_error(i, row, e) from e
+        return tree, _identity(tree if isinstance(row, Block) else tree.children[0])
+
+    def _payload(self, i: int, lab: str, tree: Block) -> _Payload:
+        """Check row ``i``'s tree against the model and fold it into slot contents; nothing is written."""
+        leaves = list(tree.leaves())
+        for leaf in leaves:
+            if leaf.kind not in _KINDS:
+                raise PoolError(f"row {i} ({lab}): {label(leaf, 0)} is a {leaf.kind} adapter; a pool serves LoRA "
+                                "and IA3 adapters per row.\n  fix: attach() it to a model of its own, or serve a "
+                                "LoRA/IA3 version of it.", row=i, ref=lab)
+        for idx, coeff in linear_terms(tree, lambda a: a.kind, "lora"):
+            a = leaves[idx]
+            if coeff == 0.0:
+                continue
+            for m in a.modules():
+                if "lora_A" in a.module_tensors(m) and (r := a.lora_rank(m)) > self.max_rank:
+                    raise PoolError(f"row {i} ({lab}): {label(a, idx)} has rank {r} at {m}, above the pool's max_rank "
+                                    f"{self.max_rank}.\n  fix: build the pool with max_rank={r} or more, or "
+                                    f"`adapterhub blend SRC --method svd --rank {self.max_rank}` for a lower-rank "
+                                    "copy.", row=i, ref=lab)
+        try:
+            plan = make_plan(self.model, tree)
+        except (AttachError, CompositionError) as e:
+            raise _row_error(i, lab, e, reports=getattr(e, "reports", None)) from e
+        lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        ia3: dict[str, dict[str, torch.Tensor]] = {}
+        rank = nbytes = 0
+        for (_, path), (_, payload) in plan.sites.items():  # only linear sites: LoRA and IA3 passed the kind check
+            if path not in self._sites:
+                raise PoolError(f"row {i} ({lab}): the adapter changes {path}, which has no slots in this pool.\n"
+                                "  fix: build the pool with targets that include it (targets='all-linear' covers "
+                                "every Linear but the output layer).", row=i, ref=lab)
+            plan_lora = payload.get("lora")
+            if plan_lora is not None:
+                if plan_lora.bias is not None:
+                    raise PoolError(f"row {i} ({lab}): LoRA bias (lora_bias) is not served per row.\n  fix: attach() "
+                                    "it to a model of its own, or export a merged checkpoint.", row=i, ref=lab)
+                if plan_lora.rank > self.max_rank:
+                    raise PoolError(f"row {i} ({lab}): the composition adds up to rank {plan_lora.rank} at {path}, "
+                                    f"above the pool's max_rank {self.max_rank}.\n  fix: build the pool with "
+                                    f"max_rank={plan_lora.rank} or more, or blend the adapters into one "
+                                    f"(`adapterhub blend ... --method svd --rank {self.max_rank}`).", row=i, ref=lab)
+                lora[path] = (plan_lora.a, plan_lora.bt)
+                rank = max(rank, plan_lora.rank)
+                nbytes += plan_lora.nbytes
+            for side in ("ia3_in", "ia3_out"):
+                if payload.get(side) is not None:
+                    ia3.setdefault(path, {})[side] = payload[side]
+                    nbytes += _bytes(payload[side])
+        return _Payload(lora, ia3, rank, nbytes)
+
+    def _write(self, slot: int, payload: _Payload) -> None:
+        for path, site in self._sites.items():
+            pair = payload.lora.get(path)
+            site.write_lora(slot, *(pair if pair is not None else (None, None)))
+            sides = payload.ia3.get(path, {})
+            for side in ("ia3_in", "ia3_out"):
+                if site.write_ia3(slot, side, sides.get(side)):
+                    self.counters["ia3_sides"] += 1
+
+    def _evict_lru(self, keep: set[Hashable]) -> int:
+        for entry in self._entries.values():
+            if entry.pins == 0 and entry.ident not in keep:
+                slot = entry.slot
+                self._drop(entry, free=False)
+                return slot
+        raise PoolError("no slot can be freed.")  # not reached: prepare() counted the evictable slots first
+
+    def _drop(self, entry: _Entry, free: bool = True) -> None:
+        for site in self._sites.values():
+            site.clear(entry.slot)
+        for key in entry.keys:
+            if self._alias.get(key) == entry.ident:
+                del self._alias[key]
+        del self._entries[entry.ident]
+        self.counters["evictions"] += 1
+        if free:
+            self._free.append(entry.slot)
+
+    def _entry_of(self, adapter: Any) -> _Entry:
+        self._require_open()
+        ident = self._alias.get(_row_key(adapter, 0)) if adapter is not None else None
+        if ident is None or ident not in self._entries:
+            raise PoolError(f"{_label(adapter)} is not resident in this pool.\n  fix: pool.load() or pool.pin() it.")
+        return self._entries[ident]
+
+    def sites(self) -> Iterator[SlotSite]:
+        """The installed per-module sites (for inspection)."""
+        return iter(self._sites.values())
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+    out_layer = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    names = [(n, m) for n, m in model.named_modules() if n and is_linear_like(m)]
+    if isinstance(targets, str) and targets == "all-linear":
+        return [n for n, m in names if m is not out_layer]
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    return [n for n, _ in names if any(n == t or n.endswith("." + t) for t in wanted)]
+
+
+def _batch_size(inputs: dict[str, Any], what: str) -> int:
+    for name in ("input_ids", "inputs_embeds"):
+        t = inputs.get(name)
+        if isinstance(t, torch.Tensor) and t.dim() >= 1:
+            return int(t.shape[0])
+    for t in inputs.values():
+        if isinstance(t, torch.Tensor) and t.dim() >= 1:
+            return int(t.shape[0])
+    raise PoolError(f"pool.{what}() found no batched tensor among its inputs ({', '.join(inputs) or 'none'}).\n"
+                    "  fix: pass input_ids=... (or inputs_embeds=...) with one row per adapter.")
+
+
+def _label(row: Any) -> str:
+    if isinstance(row, Block):
+        return repr(row)
+    if isinstance(row, Adapter):
+        return label(row, 0)
+    return str(row)
+
+
+def _row_key(row: Any, i: int) -> Hashable:
+    """What identifies a row's request before it is resolved: the reference string, the Adapter object, or
+    a composition's structure over those."""
+    if isinstance(row, Adapter):
+        return ("adapter", id(row))
+    if isinstance(row, Block):
+        weights = row.weights
+        extra = getattr(row, "normalize", None)
+        return ("block", type(row).__name__, weights, extra, tuple(_row_key(c, i) for c in row.children))
+    if isinstance(row, str):
+        return ("ref", row)
+    try:
+        hash(row)
+    except TypeError:
+        raise PoolError(f"row {i}: {type(row).__name__} is not an adapter reference.\n  fix: give a registry "
+                        "reference, a directory, an Adapter, a Sum/Stack/Average of them, or None.", row=i) from None
+    return ("other", row)
+
+
+def _identity(node: Any) -> Hashable:
+    """What a resolved row is: an adapter read from disk by where it lives (a registry snapshot is named by
+    its digest), an in-memory Adapter by object, a composition by its structure over those."""
+    if isinstance(node, Block):
+        return ("block", type(node).__name__, node.weights, getattr(node, "normalize", None),
+                tuple(_identity(c) for c in node.children))
+    if node.source is not None:
+        return ("source", str(node.source))
+    return ("adapter", id(node))
+
+
+def _row_error(i: int, row: Any, e: Exception, *, reports: list[object] | None = None) -> PoolError:
+    lab = row if isinstance(row, str) else _label(row)
+    return PoolError(f"row {i} ({lab}) cannot be served: {e}", row=i, ref=lab, reports=reports)
+
