@@ -54,7 +54,10 @@ class Pool(_RuntimePool):
 
         def resolve(leaf: Any) -> Any:
             from adapterhub import resolve_adapter
+            from adapterhub.sources import looks_like_path
 
+            if isinstance(leaf, str) and not looks_like_path(leaf):
+                return get_registry().load(leaf, allow_pickle=allow_pickle)  # verified or stamp-trusted blobs
             return resolve_adapter(leaf, registry=get_registry, allow_pickle=allow_pickle)
 
         super().__init__(model, slots=slots, max_rank=max_rank, targets=targets, resolve=resolve)

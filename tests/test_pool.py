@@ -292,3 +292,42 @@ def test_rss_stays_flat_over_load_evict_cycles(model, registry):
         grown = _rss() - start
         assert pool.counters["evictions"] >= 600
     assert grown < 4 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 600 load/evict cycles"
+
+
+def test_a_compiled_model_does_not_recompile_when_slots_change():
+    """Loading, evicting and mixing adapters never changes a tensor shape: dynamo compiles once per batch shape
+    (and once more for batches with / without a row of no adapter), never per adapter."""
+    from conftest import make_llama
+    from torch._dynamo.utils import counters
+
+    from adapterhub.adapter import Adapter, LoraSpec, Tensors
+
+    model = make_llama(0, num_hidden_layers=1)
+
+    def lora(seed: int, r: int) -> Adapter:
+        g = torch.Generator().manual_seed(seed)
+        t = {}
+        for m in ("q_proj", "v_proj"):
+            lin = model.get_submodule(f"model.layers.0.self_attn.{m}")
+            t[f"model.layers.0.self_attn.{m}.lora_A"] = torch.randn(r, lin.in_features, generator=g) * 0.1
+            t[f"model.layers.0.self_attn.{m}.lora_B"] = torch.randn(lin.out_features, r, generator=g) * 0.1
+        return Adapter("lora", LoraSpec(r=r, alpha=8, target_modules=("q_proj", "v_proj")), Tensors(t))
+
+    loras = [lora(i, r=1 + i % 4) for i in range(6)]
+    ids = ids_for(3)
+    torch._dynamo.reset()
+    counters.clear()
+    with Pool(make_llama(0, num_hidden_layers=1), slots=2, max_rank=4) as eager, \
+            Pool(model, slots=2, max_rank=4) as pool:
+        pool.compile(backend="eager")
+        pool.forward([loras[0], None, loras[1]], input_ids=ids)
+        pool.forward([loras[0], loras[1], loras[0]], input_ids=ids)
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs == 2
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for i in range(8):
+                rows = [loras[(i + 2) % 6], None if i % 2 else loras[(i + 3) % 6], loras[(i + 2) % 6]]
+                got = pool.forward(rows, input_ids=ids).logits
+                assert (got - eager.forward(rows, input_ids=ids).logits).abs().max() <= FP32_TOL
+        assert counters["stats"]["unique_graphs"] == graphs and pool.counters["evictions"] >= 8
+    torch._dynamo.reset()

@@ -87,6 +87,22 @@ def make_plan(model: nn.Module, tree: Block, *, merge: bool = False, prefix_posi
         CompositionError: the tree breaks a block's rules.
         AttachError: an adapter does not fit the model or the others (carrying the reports).
     """
+    reports = reports if reports is not None else {}
+    leaves, live, arch, names = check_tree(model, tree, prefix_positions=prefix_positions, reports=reports)
+    return _build(model, tree, leaves, live, arch, reports, merge, prefix_positions, _Loaded(tensor_cache), names)
+
+
+def check_tree(model: nn.Module, tree: Block, *, prefix_positions: str = "auto", reports: dict[int, Report],
+               live: LiveModel | None = None) -> tuple[list[Adapter], LiveModel, archmod.Arch | None,
+                                                       dict[str, nn.Module]]:
+    """Every check :func:`make_plan` runs, reading no tensor: the leaves, the model's view, its arch row and
+    module map. ``reports`` receives each adapter's report by ``id(adapter)`` (``resolved`` maps its
+    modules to the model's weights); ``live`` reuses a view of the model built before (the model unchanged).
+
+    Raises:
+        CompositionError: the tree breaks a block's rules.
+        AttachError: an adapter does not fit the model or the others (carrying the reports).
+    """
     if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
         raise CompositionError(f"attach() needs a transformers model (an nn.Module with a .config), got "
                                f"{type(model).__name__}.\n  fix: pass a model loaded with transformers, e.g. "
@@ -98,10 +114,10 @@ def make_plan(model: nn.Module, tree: Block, *, merge: bool = False, prefix_posi
     for leaf in leaves:
         kind_of(leaf)
     validate(tree, kind_of)
-    names = _module_names(model)
-    live = LiveModel(model, names)
+    if live is None or live.modules_by_path is None:
+        live = LiveModel(model, _module_names(model))
+    names = live.modules_by_path
     arch = archmod.arch_for(live.model_type)
-    reports = reports if reports is not None else {}
     failed: list[Report] = []
     distinct: list[tuple[int, Adapter]] = []  # (first leaf index, adapter), each adapter once
     for i, a in enumerate(leaves):
@@ -129,7 +145,7 @@ def make_plan(model: nn.Module, tree: Block, *, merge: bool = False, prefix_posi
             "stack prefixes from one library, or force one convention with prefix_positions="),)))
     if failed:
         raise _attach_error(failed, live)
-    return _build(model, tree, leaves, live, arch, reports, merge, prefix_positions, _Loaded(tensor_cache), names)
+    return leaves, live, arch, names
 
 
 def _attach_error(failed: list[Report], live: LiveModel) -> AttachError:
@@ -165,15 +181,16 @@ def _runtime_problems(a: Adapter, report: Report, live: LiveModel, arch: archmod
             err("runtime-carried", name, "a saved copy of a base module (modules_to_save) replaces that module's "
                 "weights, which the runtime never does", "export a merged checkpoint, or drop modules_to_save")
         for m in a.modules():
-            names = a.module_tensors(m)
+            roles = a.module_tensors(m)
             weight = report.resolved.get(m)
             if weight is None:
                 continue
-            if "lora_embedding_A" in names:
+            if "lora_embedding_A" in roles:
                 err("runtime-module", m, "LoRA on an embedding is not run by the runtime",
                     "export a merged checkpoint with `adapterhub export`")
                 continue
-            module = model.get_submodule(weight.rpartition(".")[0])
+            path = weight.rpartition(".")[0]
+            module = names[path] if path in names else model.get_submodule(path)
             if not is_linear_like(module):
                 err("runtime-module", m, f"the base module is a {type(module).__name__}; the runtime attaches to "
                     "nn.Linear and Conv1D modules", "load the base unquantised, or merge the adapter")

@@ -29,9 +29,11 @@ from torch import nn
 from adapterhub.adapter import Adapter
 from adapterhub.errors import AdapterHubError, AttachedStateError, AttachError, CompositionError, PoolError
 from adapterhub.runtime.compose import Block, as_tree, linear_terms
+from adapterhub.runtime.ia3 import ia3_vector
 from adapterhub.runtime.linear import is_linear_like
-from adapterhub.runtime.plan import label, make_plan
+from adapterhub.runtime.plan import check_tree, label
 from adapterhub.runtime.slots import SlotSite, SlotState
+from adapterhub.runtime.view import LiveModel
 
 #: where a model keeps its open pool (a plain attribute, removed by close)
 _ATTR = "_adapterhub_pool"
@@ -62,8 +64,15 @@ class _Payload:
     nbytes: int
 
 
-def _bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+def _kind(adapter: Adapter) -> str:
+    return adapter.kind
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``, checked in chunks small enough to run on one thread (a parallel reduction waits
+    for every worker thread, which on a busy machine costs milliseconds for a few thousand elements)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(16384))
 
 
 class Pool:
@@ -130,6 +139,8 @@ class Pool:
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()  # least recently used first
         self._alias: dict[Hashable, Hashable] = {}  # row key -> entry identity
         self._free = list(range(slots, 0, -1))  # slot 0 is "no adapter"
+        self._written: dict[int, set[str]] = {}  # slot -> the sites holding something of it
+        self._live = LiveModel(model, {n: m for n, m in model.named_modules() if n})
         self.counters = {"loads": 0, "hits": 0, "evictions": 0, "batches": 0, "ia3_sides": 0}
         self.open = True
         model.__dict__[_ATTR] = self
@@ -365,64 +376,111 @@ class Pool:
         return tree, _identity(tree if isinstance(row, Block) else tree.children[0])
 
     def _payload(self, i: int, lab: str, tree: Block) -> _Payload:
-        """Check row ``i``'s tree against the model and fold it into slot contents; nothing is written."""
+        """Check row ``i``'s tree against the model (the checks ``attach`` runs) and fold it into slot contents
+        (float32, rounded once when written); nothing is written."""
+
+        def refuse(message: str, fix: str, reports: list[object] | None = None) -> PoolError:
+            return PoolError(f"row {i} ({lab}): {message}.\n  fix: {fix}.", row=i, ref=lab, reports=reports)
+
         leaves = list(tree.leaves())
         for leaf in leaves:
             if leaf.kind not in _KINDS:
-                raise PoolError(f"row {i} ({lab}): {label(leaf, 0)} is a {leaf.kind} adapter; a pool serves LoRA "
-                                "and IA3 adapters per row.\n  fix: attach() it to a model of its own, or serve a "
-                                "LoRA/IA3 version of it.", row=i, ref=lab)
-        for idx, coeff in linear_terms(tree, lambda a: a.kind, "lora"):
-            a = leaves[idx]
-            if coeff == 0.0:
-                continue
+                raise refuse(f"{label(leaf, 0)} is a {leaf.kind} adapter; a pool serves LoRA and IA3 adapters per row",
+                             "attach() it to a model of its own, or serve a LoRA/IA3 version of it")
+        lora_terms = [(leaves[idx], coeff) for idx, coeff in linear_terms(tree, _kind, "lora") if coeff != 0.0]
+        for a, _ in lora_terms:
             for m in a.modules():
                 if "lora_A" in a.module_tensors(m) and (r := a.lora_rank(m)) > self.max_rank:
-                    raise PoolError(f"row {i} ({lab}): {label(a, idx)} has rank {r} at {m}, above the pool's max_rank "
-                                    f"{self.max_rank}.\n  fix: build the pool with max_rank={r} or more, or "
-                                    f"`adapterhub blend SRC --method svd --rank {self.max_rank}` for a lower-rank "
-                                    "copy.", row=i, ref=lab)
+                    raise refuse(f"{label(a, 0)} has rank {r} at {m}, above the pool's max_rank {self.max_rank}",
+                                 f"build the pool with max_rank={r} or more, or `adapterhub blend SRC --method svd "
+                                 f"--rank {self.max_rank}` for a lower-rank copy")
+        reports: dict[int, Any] = {}
         try:
-            plan = make_plan(self.model, tree)
+            check_tree(self.model, tree, reports=reports, live=self._live)
         except (AttachError, CompositionError) as e:
             raise _row_error(i, lab, e, reports=getattr(e, "reports", None)) from e
-        lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        ia3: dict[str, dict[str, torch.Tensor]] = {}
-        rank = nbytes = 0
-        for (_, path), (_, payload) in plan.sites.items():  # only linear sites: LoRA and IA3 passed the kind check
+
+        def site_of(a: Adapter, m: str) -> str:
+            path = reports[id(a)].resolved[m].rpartition(".")[0]
             if path not in self._sites:
-                raise PoolError(f"row {i} ({lab}): the adapter changes {path}, which has no slots in this pool.\n"
-                                "  fix: build the pool with targets that include it (targets='all-linear' covers "
-                                "every Linear but the output layer).", row=i, ref=lab)
-            plan_lora = payload.get("lora")
-            if plan_lora is not None:
-                if plan_lora.bias is not None:
-                    raise PoolError(f"row {i} ({lab}): LoRA bias (lora_bias) is not served per row.\n  fix: attach() "
-                                    "it to a model of its own, or export a merged checkpoint.", row=i, ref=lab)
-                if plan_lora.rank > self.max_rank:
-                    raise PoolError(f"row {i} ({lab}): the composition adds up to rank {plan_lora.rank} at {path}, "
-                                    f"above the pool's max_rank {self.max_rank}.\n  fix: build the pool with "
-                                    f"max_rank={plan_lora.rank} or more, or blend the adapters into one "
-                                    f"(`adapterhub blend ... --method svd --rank {self.max_rank}`).", row=i, ref=lab)
-                lora[path] = (plan_lora.a, plan_lora.bt)
-                rank = max(rank, plan_lora.rank)
-                nbytes += plan_lora.nbytes
-            for side in ("ia3_in", "ia3_out"):
-                if payload.get(side) is not None:
-                    ia3.setdefault(path, {})[side] = payload[side]
-                    nbytes += _bytes(payload[side])
-        return _Payload(lora, ia3, rank, nbytes)
+                raise refuse(f"{label(a, 0)} changes {path}, which has no slots in this pool",
+                             "build the pool with targets that include it (targets='all-linear' covers every Linear "
+                             "but the output layer)")
+            return path
+
+        lora: dict[str, list[tuple[Adapter, str, str, float]]] = {}
+        for a, coeff in lora_terms:
+            for m in a.modules():
+                roles = a.module_tensors(m)
+                if "lora_B.bias" in roles:
+                    raise refuse("LoRA bias (lora_bias) is not served per row",
+                                 "attach() it to a model of its own, or export a merged checkpoint")
+                term = (a, roles["lora_A"], roles["lora_B"], coeff * a.spec.scale(m))
+                lora.setdefault(site_of(a, m), []).append(term)
+        ia3: dict[str, dict[str, list[tuple[torch.Tensor, float]]]] = {}
+        for idx, exponent in linear_terms(tree, _kind, "ia3"):
+            a = leaves[idx]
+            for m in a.modules():
+                side = "ia3_in" if a.spec.is_feedforward(m) else "ia3_out"
+                ia3.setdefault(site_of(a, m), {}).setdefault(side, []).append(
+                    (a.tensors[a.module_tensors(m)["ia3_l"]], exponent))
+        ranks = {p: sum(a.tensors.shape(an)[0] for a, an, _, _ in terms) for p, terms in lora.items()}
+        for path, r in ranks.items():
+            if r > self.max_rank:
+                raise refuse(f"the composition adds up to rank {r} at {path}, above the pool's max_rank "
+                             f"{self.max_rank}", f"build the pool with max_rank={r} or more, or blend the adapters "
+                             f"into one (`adapterhub blend ... --method svd --rank {self.max_rank}`)")
+        # per module one float32 buffer [r, in + out] holding A and the scaled B^T: one finiteness check each
+        out_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        bad: list[str] = []
+        for path, terms in lora.items():
+            site, r = self._sites[path], ranks[path]
+            buf = torch.empty(r, site.in_features + site.out_features, dtype=torch.float32)
+            a_all, bt_all = buf[:, :site.in_features], buf[:, site.in_features:]
+            row = 0
+            for a, a_name, b_name, factor in terms:
+                ta, tb = a.tensors[a_name], a.tensors[b_name]
+                k = ta.shape[0]
+                a_all[row:row + k].copy_(ta)
+                torch.mul(tb.t().to(torch.float32), factor, out=bt_all[row:row + k])
+                row += k
+            if not _all_finite(buf):
+                bad.append(path)
+            out_lora[path] = (a_all, bt_all)
+        out_ia3: dict[str, dict[str, torch.Tensor]] = {}
+        for path, sides in ia3.items():
+            for side, vectors in sides.items():
+                try:
+                    v = ia3_vector(vectors, where=path)
+                except CompositionError as e:
+                    raise _row_error(i, lab, e) from e
+                if v is not None:
+                    out_ia3.setdefault(path, {})[side] = v
+                    if not _all_finite(v):
+                        bad.append(path)
+        if bad:
+            raise refuse(f"the adapter holds NaN or Inf values (or overflows once scaled) at {', '.join(bad[:4])}",
+                         "re-export or retrain the adapter")
+        sizes = {p: a.numel() + b.numel() for p, (a, b) in out_lora.items()}
+        itemsize = next(iter(self._sites.values())).a.element_size()
+        nbytes = sum(sizes.values()) * itemsize + sum(4 * v.numel() for s in out_ia3.values() for v in s.values())
+        return _Payload(out_lora, out_ia3, max(ranks.values(), default=0), nbytes)
 
     def _write(self, slot: int, payload: _Payload) -> None:
-        for path, site in self._sites.items():
+        """Write ``payload`` into ``slot`` of every site it touches, and clear what the slot held elsewhere."""
+        paths = set(payload.lora) | set(payload.ia3)
+        for path in sorted(paths | self._written.get(slot, set())):
+            site = self._sites[path]
             pair = payload.lora.get(path)
             site.write_lora(slot, *(pair if pair is not None else (None, None)))
             sides = payload.ia3.get(path, {})
             for side in ("ia3_in", "ia3_out"):
                 if site.write_ia3(slot, side, sides.get(side)):
                     self.counters["ia3_sides"] += 1
+        self._written[slot] = paths
 
     def _evict_lru(self, keep: set[Hashable]) -> int:
+        """Free the least recently used unpinned slot outside ``keep``, without clearing it (the caller writes it)."""
         for entry in self._entries.values():
             if entry.pins == 0 and entry.ident not in keep:
                 slot = entry.slot
@@ -431,8 +489,9 @@ class Pool:
         raise PoolError("no slot can be freed.")  # not reached: prepare() counted the evictable slots first
 
     def _drop(self, entry: _Entry, free: bool = True) -> None:
-        for site in self._sites.values():
-            site.clear(entry.slot)
+        if free:
+            for path in self._written.pop(entry.slot, set()):
+                self._sites[path].clear(entry.slot)
         for key in entry.keys:
             if self._alias.get(key) == entry.ident:
                 del self._alias[key]

@@ -34,6 +34,11 @@ class LiveModel:
         source = getattr(self.config, "_name_or_path", None) or getattr(self.config, "name_or_path", None)
         self.path = Path(source) if source else Path(f"<live {type(model).__name__}>")
 
+    @property
+    def modules_by_path(self) -> dict[str, Any] | None:
+        """Module path -> module (without the root), when the view was built with it."""
+        return self._named
+
     @cached_property
     def tensors(self) -> dict[str, LiveTensor]:
         out: dict[str, LiveTensor] = {}
