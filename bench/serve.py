@@ -345,7 +345,55 @@ def part_peft_load(args: argparse.Namespace, reg_dir: Path) -> dict[str, Any]:
     return {"second_ms": times[1] * 1e3, "hundredth_ms": times[-1] * 1e3, "n": len(times)}
 
 
-PARTS = {"forward": part_forward, "serve": part_serve, "load": part_load, "peft-load": part_peft_load}
+def part_strategy(args: argparse.Namespace, reg_dir: Path) -> dict[str, Any]:
+    """One q_proj-shaped module (512 x 512), 32 rows over 16 adapters of rank 16: the pool's gather + bmm
+    against grouping rows by adapter (a loop over the batch's distinct adapters: gather its rows, two
+    matmuls, scatter-add), relative to the bare Linear; interleaved, median of per-round ratios."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from adapterhub.runtime.slots import SlotSite, SlotState
+
+    torch.manual_seed(0)
+    lin = nn.Linear(HIDDEN, HIDDEN, bias=False)
+    state = SlotState()
+    site = SlotSite(lin, "q_proj", state, slots=SLOTS, max_rank=MAX_RANK)
+    for slot in range(1, SLOTS + 1):
+        site.write_lora(slot, torch.randn(MAX_RANK, HIDDEN) * 0.05, torch.randn(MAX_RANK, HIDDEN) * 0.05)
+    idx = torch.randint(1, 17, (BATCH,), generator=torch.Generator().manual_seed(1))
+    groups = [(int(u), (idx == u).nonzero().flatten()) for u in idx.unique()]
+    state.set(idx, has_none=False)
+
+    def grouped(x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, lin.weight)
+        for u, rows in groups:
+            xs = x.index_select(0, rows)
+            y.index_add_(0, rows, (xs @ site.a[u].t()) @ site.bt[u])
+        return y
+
+    out: dict[str, Any] = {"distinct": len(groups)}
+    with torch.no_grad():
+        for shape, t in (("prompt", PROMPT), ("decode", 1)):
+            x = torch.randn(BATCH, t, HIDDEN)
+            fns = {"base": lambda x=x: F.linear(x, lin.weight), "gather": lambda x=x: site(x),
+                   "group": lambda x=x: grouped(x)}
+            ratios: dict[str, list[float]] = {"gather": [], "group": []}
+            n = 5 if shape == "prompt" else 200
+            for _ in range(max(args.rounds, 5) * 3):
+                row = {}
+                for name, fn in fns.items():
+                    start = time.perf_counter()
+                    for _ in range(n):
+                        fn()
+                    row[name] = (time.perf_counter() - start) / n
+                ratios["gather"].append(row["gather"] / row["base"])
+                ratios["group"].append(row["group"] / row["base"])
+            out[shape] = {k: statistics.median(v) for k, v in ratios.items()}
+    return out
+
+
+PARTS = {"strategy": part_strategy, "forward": part_forward, "serve": part_serve, "load": part_load,
+         "peft-load": part_peft_load}
 
 
 def run_part(name: str, args: argparse.Namespace, extra: list[str] | None = None) -> dict[str, Any]:
@@ -385,6 +433,7 @@ def main() -> None:
     start = time.perf_counter()
     load_before = os.getloadavg()
     reg_dir = make_registry(args.work, args.adapters)
+    strategy = run_part("strategy", args)
     fwd = run_part("forward", args)
     serve = run_part("serve", args)
     load = run_part("load", args)
@@ -423,6 +472,10 @@ def main() -> None:
     print(f"\nmax abs difference ours vs PEFT mixed batch (prompt logits): {fwd['diff']:.2e}. "
           f"Pool over the stream: {serve['ours']['pool']['loads']} loads, {serve['ours']['pool']['hits']} hits, "
           f"{serve['ours']['pool']['evictions']} evictions.")
+    print(f"\nStrategy, one 512 x 512 module, {BATCH} rows over {strategy['distinct']} adapters of rank {MAX_RANK} "
+          "(time relative to the bare Linear): gather + bmm (the pool) prompt "
+          f"{strategy['prompt']['gather']:.2f}x, decode {strategy['decode']['gather']:.2f}x; grouping rows by "
+          f"adapter prompt {strategy['prompt']['group']:.2f}x, decode {strategy['decode']['group']:.2f}x.")
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} threads; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
           f"{time.perf_counter() - start:.0f} s in all")

@@ -51,4 +51,6 @@ step "transformers loads it as is" .venv/bin/python -c "
 from transformers import AutoModel
 m = AutoModel.from_pretrained('$out/merged')
 print(type(m).__name__, sum(p.numel() for p in m.parameters()), 'parameters')"
+step "serve one mixed batch: one resident MiniLM, adapters loaded from the registry on demand, a different one per row (the last row none)" \
+  .venv/bin/python scripts/demo_serve.py "$ADAPTERHUB_REGISTRY" "$minilm" demo/minilm-sentiment@1 demo/minilm-sentiment@2 demo/minilm-blend
 printf '\n\033[1mdemo complete:\033[0m outputs in %s/\n' "$out"

@@ -331,3 +331,63 @@ def test_a_compiled_model_does_not_recompile_when_slots_change():
                 assert (got - eager.forward(rows, input_ids=ids).logits).abs().max() <= FP32_TOL
         assert counters["stats"]["unique_graphs"] == graphs and pool.counters["evictions"] >= 8
     torch._dynamo.reset()
+
+
+def test_readme_serving_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's pool example, on a copy of the demo registry (running it writes the registry's index)."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    code = readme.split("<!-- serving-example -->\n```python\n", 1)[1].split("```", 1)[0]
+    shutil.copytree(root / "registry" / "demo", tmp_path / "demo-registry")
+    code = code.replace('registry="registry/demo"', f'registry="{tmp_path / "demo-registry"}"')
+    monkeypatch.chdir(root)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    out = capsys.readouterr().out
+    assert "<Pool 3/8 slots used" in out and "'pins': 1" in out
+    logits, tokens = namespace["logits"], namespace["tokens"]
+    assert logits.shape[0] == 4 and tokens.shape == (4, 8) and not namespace["pool"].open
+    model = namespace["model"]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=namespace["ids"]).logits[3], logits[3])
+
+
+def test_the_demo_serves_a_mixed_batch(tmp_path, minilm_dir, capsys):
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    shutil.copytree(root / "registry" / "demo", tmp_path / "reg")
+    spec = importlib.util.spec_from_file_location("demo_serve", root / "scripts" / "demo_serve.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    demo.main(str(tmp_path / "reg"), str(minilm_dir), ["demo/minilm-sentiment@1", "demo/minilm-sentiment@2"])
+    out = capsys.readouterr().out
+    assert "(bit-identical to the bare base: True)" in out
+    assert "resident: one base 86.7 MiB + 2 adapter slots" in out and "2 x 86.7 MiB" in out
+
+
+def test_non_finite_values_and_reentrant_batches_are_refused(model, ads, dirs):
+    from adapterhub.adapter import Tensors
+
+    b = ads["b"]
+    poisoned = b.replace(tensors=Tensors({n: t * (float("inf") if n.endswith("lora_B") else 1.0)
+                                          for n, t in b.tensors.items()}), source=None)
+    with Pool(model, slots=2, max_rank=8) as pool:
+        with pytest.raises(PoolError, match=r"row 1 .* holds NaN or Inf values"):
+            pool.forward([ads["a"], poisoned], input_ids=ids_for(2))
+        assert len(pool) == 0
+        # an Adapter read again from the same directory is the same adapter: one slot
+        pool.forward([ads["a"], read_adapter(dirs["a"])], input_ids=ids_for(2))
+        assert pool.counters["loads"] == 1
+        handle = model.model.layers[0].register_forward_pre_hook(lambda *_: pool.forward([None], input_ids=ids_for(1)))
+        try:
+            with pytest.raises(PoolError, match="running a batch already"):
+                pool.forward([ads["a"]], input_ids=ids_for(1))
+        finally:
+            handle.remove()
+        pool.forward([ads["a"]], input_ids=ids_for(1))  # the pool works again after the refused call

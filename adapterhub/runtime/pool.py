@@ -143,6 +143,7 @@ class Pool:
         self._live = LiveModel(model, {n: m for n, m in model.named_modules() if n})
         self.counters = {"loads": 0, "hits": 0, "evictions": 0, "batches": 0, "ia3_sides": 0}
         self.open = True
+        self._busy = False
         model.__dict__[_ATTR] = self
 
     # --- running batches -------------------------------------------------------------------------
@@ -187,9 +188,11 @@ class Pool:
         def __enter__(self) -> None:
             idx = torch.tensor(self.slots, dtype=torch.long, device=self.pool._device)
             self.pool._state.set(idx, has_none=0 in self.slots)
+            self.pool._busy = True
 
         def __exit__(self, *exc: object) -> None:
             self.pool._state.set(None)
+            self.pool._busy = False
 
     def _running(self, slots: list[int]) -> Pool._Running:
         self.counters["batches"] += 1
@@ -204,6 +207,9 @@ class Pool:
         nothing. Raises :class:`PoolError` naming the row at fault.
         """
         self._require_open()
+        if self._busy:
+            raise PoolError("the pool is running a batch already (a second thread, or a call from inside the model)."
+                            "\n  fix: run one batch at a time; a pool is not thread-safe.")
         if isinstance(adapters, str | Adapter | Block) or not isinstance(adapters, Sequence):
             raise PoolError("adapters must be a list with one entry per batch row (None for no adapter), not "
                             f"{type(adapters).__name__}.\n  fix: adapters=[...] as long as the batch.")
@@ -548,7 +554,7 @@ def _row_key(row: Any, i: int) -> Hashable:
     """What identifies a row's request before it is resolved: the reference string, the Adapter object, or
     a composition's structure over those."""
     if isinstance(row, Adapter):
-        return ("adapter", id(row))
+        return _identity(row)  # never the id of a passing object: it may be reused once that object is gone
     if isinstance(row, Block):
         weights = row.weights
         extra = getattr(row, "normalize", None)
