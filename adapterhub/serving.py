@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from adapterhub.runtime.pool import Pool as _RuntimePool
@@ -47,7 +46,7 @@ class Pool(_RuntimePool):
                 if registry is None or isinstance(registry, str | os.PathLike):
                     from adapterhub.registry import Registry
 
-                    opened.append(Registry(None if registry is None else Path(registry)))
+                    opened.append(Registry(registry))
                 else:
                     opened.append(registry)
             return opened[0]
