@@ -377,9 +377,15 @@ def test_non_finite_values_and_reentrant_batches_are_refused(model, ads, dirs):
     b = ads["b"]
     poisoned = b.replace(tensors=Tensors({n: t * (float("inf") if n.endswith("lora_B") else 1.0)
                                           for n, t in b.tensors.items()}), source=None)
+    # finite in the file, but infinite once the scale (16 / sqrt(8) for rsLoRA) is folded in
+    huge = b.replace(tensors=Tensors({n: t.sign() * 3e38 if n.endswith("lora_B") else t
+                                      for n, t in b.tensors.items()}), source=None)
     with Pool(model, slots=2, max_rank=8) as pool:
-        with pytest.raises(PoolError, match=r"row 1 .* holds NaN or Inf values"):
+        with pytest.raises(PoolError, match=r"(?s)row 1 \(.*\) cannot be served: .*error\[non-finite\] "
+                                            r"model.layers.0.mlp.down_proj.lora_B"):
             pool.forward([ads["a"], poisoned], input_ids=ids_for(2))
+        with pytest.raises(PoolError, match=r"row 0 .* holds NaN or Inf values \(or overflows once scaled\)"):
+            pool.forward([huge, ads["a"]], input_ids=ids_for(2))
         assert len(pool) == 0
         # an Adapter read again from the same directory is the same adapter: one slot
         pool.forward([ads["a"], read_adapter(dirs["a"])], input_ids=ids_for(2))

@@ -70,9 +70,19 @@ def test_a_plain_lora_passes_and_rank_is_checked_against_max_lora_rank(made):
 
 @pytest.mark.parametrize(("name", "code"), [("dora", "vllm-dora"), ("lora_bias", "vllm-lora-bias"),
                                             ("bias", "vllm-bias"), ("saved", "vllm-modules-to-save"),
-                                            ("pissa", "vllm-init"), ("ia3", "vllm-kind"), ("prefix", "vllm-kind")])
+                                            ("ia3", "vllm-kind"), ("prefix", "vllm-kind")])
 def test_what_vllm_refuses_is_one_error_each(made, name, code):
     assert codes(check_vllm(read_adapter(made[name]))) == [code]
+
+
+def test_base_rewriting_inits_are_refused(made):
+    """PiSSA & co: the PEFT reader refuses the directory already (exit 2, with the fix); an adapter whose config
+    says so in memory gets vllm-init."""
+    r = run("check", made["pissa"], "--for", "vllm")
+    assert r.exit_code == 2 and "init_lora_weights='pissa'" in r.output and "fix:" in r.output
+    plain = read_adapter(made["r8"])
+    pissa = plain.replace(extra={**plain.extra, "peft": {**plain.extra["peft"], "init_lora_weights": "pissa"}})
+    assert codes(check_vllm(pissa)) == ["vllm-init"]
 
 
 def test_one_line_per_problem_on_the_command_line(made):
