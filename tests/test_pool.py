@@ -7,6 +7,7 @@ One tiny GQA Llama (hidden 64, 2 layers) serves every test; PEFT runs on fresh c
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 
@@ -397,3 +398,52 @@ def test_non_finite_values_and_reentrant_batches_are_refused(model, ads, dirs):
         finally:
             handle.remove()
         pool.forward([ads["a"]], input_ids=ids_for(1))  # the pool works again after the refused call
+
+
+def test_an_adapter_replaced_in_memory_is_another_adapter(model, ads, dirs):
+    """``replace()`` keeps ``source``: a changed copy must not be served from the original's slot."""
+    from adapterhub.adapter import Tensors
+
+    a = ads["a"]
+    scaled = a.replace(tensors=Tensors({n: a.tensors[n] * 3 for n in a.tensors}))
+    rescaled = a.replace(spec=dataclasses.replace(a.spec, alpha=a.spec.alpha * 2))
+    ids = ids_for(3)
+    with Pool(model, slots=4, max_rank=8) as pool:
+        got = pool.forward([a, scaled, rescaled], input_ids=ids).logits
+        assert pool.counters["loads"] == 3
+        assert not torch.equal(got[0], got[1]) and not torch.equal(got[0], got[2])
+        pool.forward([read_adapter(dirs["a"])], input_ids=ids_for(1))  # read again from disk: the same adapter
+        assert pool.counters["loads"] == 3
+
+
+def test_threads_share_a_pool_one_call_at_a_time(model, ads):
+    import threading
+
+    ids = ids_for(4, length=16)
+    names = ["a", "b", "c", "ia3"]
+    with Pool(model, slots=2, max_rank=8) as pool:  # 2 slots for 4 adapters: the threads evict each other's
+        want = {n: pool.forward([ads[n]] * 4, input_ids=ids).logits for n in names}
+        failures: list[str] = []
+
+        def serve(n: str) -> None:
+            for _ in range(6):
+                try:
+                    if not torch.equal(pool.forward([ads[n]] * 4, input_ids=ids).logits, want[n]):
+                        failures.append(f"{n}: wrong logits")
+                except Exception as e:  # noqa: BLE001 - collected and asserted below
+                    failures.append(f"{n}: {e}")
+
+        threads = [threading.Thread(target=serve, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert failures == []
+
+
+def test_the_runtime_pool_points_registry_users_to_adapterhub_pool(model):
+    with pytest.raises(PoolError, match=r"never a registry.\n  fix: adapterhub.Pool\(model, registry=") as e:
+        Pool(model, registry="reg", slots=2)
+    assert not isinstance(e.value, TypeError) and "_adapterhub_pool" not in model.__dict__
+    with pytest.raises(TypeError, match="unexpected keyword argument.*: slot"):
+        Pool(model, slot=2)

@@ -12,13 +12,16 @@ refusal names the row.
 
 The registry-aware constructor lives above the runtime: ``adapterhub.Pool(model, registry=PATH, ...)``.
 
-Not thread-safe: one batch at a time. Runs in eval semantics under ``torch.no_grad()``.
+Several threads may share a pool: their calls run one after the other (a lock); a call from inside a running
+batch (a hook of the model) is refused. Runs in eval semantics under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -34,10 +37,13 @@ from adapterhub.runtime.linear import is_linear_like
 from adapterhub.runtime.plan import check_tree, label
 from adapterhub.runtime.slots import SlotSite, SlotState
 from adapterhub.runtime.view import LiveModel
+from adapterhub.tensorfile import TensorInfo
 
 #: where a model keeps its open pool (a plain attribute, removed by close)
 _ATTR = "_adapterhub_pool"
 _KINDS = ("lora", "ia3")
+#: where an Adapter value keeps its pool identity once computed (in its instance __dict__, like cached_property)
+_IDENT_ATTR = "_adapterhub_pool_identity"
 
 
 @dataclass
@@ -100,7 +106,13 @@ class Pool:
 
     def __init__(self, model: nn.Module, *, slots: int = 8, max_rank: int = 16,
                  targets: str | Sequence[str] = "all-linear",
-                 resolve: Callable[[Any], Adapter] | None = None) -> None:
+                 resolve: Callable[[Any], Adapter] | None = None, **unknown: Any) -> None:
+        if "registry" in unknown:
+            raise PoolError("adapterhub.runtime.Pool takes Adapter values and a resolver, never a registry.\n"
+                            "  fix: adapterhub.Pool(model, registry=..., slots=..., max_rank=...) resolves registry "
+                            "references (it is this pool with a registry resolver).")
+        if unknown:
+            raise TypeError(f"Pool() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
         if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
             raise PoolError("a pool needs a transformers model (an nn.Module with a .config), got "
                             f"{type(model).__name__}.")
@@ -143,7 +155,8 @@ class Pool:
         self._live = LiveModel(model, {n: m for n, m in model.named_modules() if n})
         self.counters = {"loads": 0, "hits": 0, "evictions": 0, "batches": 0, "ia3_sides": 0}
         self.open = True
-        self._busy = False
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread running a pool call
         model.__dict__[_ATTR] = self
 
     # --- running batches -------------------------------------------------------------------------
@@ -157,9 +170,10 @@ class Pool:
                 targets a module without slots, or the batch needs more slots than are free; raised
                 before anything is loaded, evicted or run, naming the row.
         """
-        slots = self.prepare(adapters, _batch_size(inputs, "forward"))
-        with self._running(slots), torch.no_grad():
-            return self._runner(**inputs)
+        with self._exclusive():
+            slots = self._prepare(adapters, _batch_size(inputs, "forward"))
+            with self._running(slots), torch.no_grad():
+                return self._runner(**inputs)
 
     __call__ = forward
 
@@ -171,15 +185,17 @@ class Pool:
         """
         if not callable(getattr(self.model, "generate", None)):
             raise PoolError(f"{type(self.model).__name__} has no generate(); use pool.forward().")
-        slots = self.prepare(adapters, _batch_size(generate_kwargs, "generate"))
-        with self._running(slots), torch.no_grad():
-            return self.model.generate(**generate_kwargs)
+        with self._exclusive():
+            slots = self._prepare(adapters, _batch_size(generate_kwargs, "generate"))
+            with self._running(slots), torch.no_grad():
+                return self.model.generate(**generate_kwargs)
 
     def compile(self, **options: Any) -> None:
         """Run :meth:`forward` through ``torch.compile(model, **options)``. Loading and evicting adapters
         never changes a tensor shape, so they cause no recompilation (see the README for what does)."""
-        self._require_open()
-        self._runner = torch.compile(self.model, **options)
+        with self._exclusive():
+            self._require_open()
+            self._runner = torch.compile(self.model, **options)
 
     class _Running:
         def __init__(self, pool: Pool, slots: list[int]) -> None:
@@ -188,15 +204,28 @@ class Pool:
         def __enter__(self) -> None:
             idx = torch.tensor(self.slots, dtype=torch.long, device=self.pool._device)
             self.pool._state.set(idx, has_none=0 in self.slots)
-            self.pool._busy = True
 
         def __exit__(self, *exc: object) -> None:
             self.pool._state.set(None)
-            self.pool._busy = False
 
     def _running(self, slots: list[int]) -> Pool._Running:
         self.counters["batches"] += 1
         return Pool._Running(self, slots)
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One pool call at a time: other threads wait their turn; a call from inside the running one (a hook of
+        the model, a resolver) is refused, as it would change slots under the batch."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise PoolError("the pool is running a batch already (a call from inside the model, or from a "
+                            "resolver).\n  fix: call the pool from outside its own batch.")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     # --- what is resident ------------------------------------------------------------------------
 
@@ -206,10 +235,11 @@ class Pool:
         Everything is resolved and checked before the first slot is written: a refused batch changes
         nothing. Raises :class:`PoolError` naming the row at fault.
         """
+        with self._exclusive():
+            return self._prepare(adapters, batch_size)
+
+    def _prepare(self, adapters: Sequence[Any], batch_size: int | None = None) -> list[int]:
         self._require_open()
-        if self._busy:
-            raise PoolError("the pool is running a batch already (a second thread, or a call from inside the model)."
-                            "\n  fix: run one batch at a time; a pool is not thread-safe.")
         if isinstance(adapters, str | Adapter | Block) or not isinstance(adapters, Sequence):
             raise PoolError("adapters must be a list with one entry per batch row (None for no adapter), not "
                             f"{type(adapters).__name__}.\n  fix: adapters=[...] as long as the batch.")
@@ -263,27 +293,32 @@ class Pool:
 
     def load(self, adapter: Any) -> int:
         """Make ``adapter`` resident (as a batch row would); its slot."""
-        return self.prepare([adapter])[0]
+        with self._exclusive():
+            return self._prepare([adapter])[0]
 
     def pin(self, adapter: Any) -> int:
         """Load ``adapter`` if needed and keep it resident until :meth:`unpin` (pins count); its slot."""
-        slot = self.load(adapter)
-        self._entry_of(adapter).pins += 1
-        return slot
+        with self._exclusive():
+            slot = self._prepare([adapter])[0]
+            self._entry_of(adapter).pins += 1
+            return slot
 
     def unpin(self, adapter: Any) -> None:
         """Undo one :meth:`pin`."""
-        entry = self._entry_of(adapter)
-        if entry.pins == 0:
-            raise PoolError(f"{entry.label} is not pinned.")
-        entry.pins -= 1
+        with self._exclusive():
+            entry = self._entry_of(adapter)
+            if entry.pins == 0:
+                raise PoolError(f"{entry.label} is not pinned.")
+            entry.pins -= 1
 
     def evict(self, adapter: Any) -> None:
         """Free ``adapter``'s slot now (a moved tag or a changed directory is read again on next use)."""
-        entry = self._entry_of(adapter)
-        if entry.pins:
-            raise PoolError(f"{entry.label} is pinned ({entry.pins}x) and cannot be evicted.\n  fix: unpin it first.")
-        self._drop(entry)
+        with self._exclusive():
+            entry = self._entry_of(adapter)
+            if entry.pins:
+                raise PoolError(f"{entry.label} is pinned ({entry.pins}x) and cannot be evicted.\n"
+                                "  fix: unpin it first.")
+            self._drop(entry)
 
     def resident(self) -> list[dict[str, Any]]:
         """What each used slot holds, least recently used first."""
@@ -328,6 +363,10 @@ class Pool:
 
     def close(self) -> None:
         """Remove every installed forward: the model is exactly as before. Idempotent."""
+        with self._exclusive():
+            self._close()
+
+    def _close(self) -> None:
         if not self.open:
             return
         blocked = [s.path for s in self._sites.values() if s.installed and s.module.__dict__.get("forward") is not s]
@@ -575,8 +614,20 @@ def _identity(node: Any) -> Hashable:
     if isinstance(node, Block):
         return ("block", type(node).__name__, node.weights, getattr(node, "normalize", None),
                 tuple(_identity(c) for c in node.children))
-    if node.source is not None:
-        return ("source", str(node.source))
+    cached = node.__dict__.get(_IDENT_ATTR)
+    if cached is None:
+        cached = node.__dict__[_IDENT_ATTR] = _adapter_identity(node)
+    return cached
+
+
+def _adapter_identity(node: Adapter) -> Hashable:
+    """An adapter read from disk whose tensors all still come from its files: where it lives, its spec and where
+    each tensor is (``replace(tensors=..., spec=...)`` keeps ``source`` but makes another adapter); anything else:
+    the object itself (the pool keeps it alive while resident, so its id is not reused meanwhile)."""
+    entries = node.tensors._entries
+    if node.source is not None and all(isinstance(e, TensorInfo) for e in entries.values()):
+        where = tuple(sorted((n, str(e.path), e.start, e.end) for n, e in entries.items()))
+        return ("source", str(node.source), node.kind, repr(node.spec), where)
     return ("adapter", id(node))
 
 
