@@ -10,15 +10,17 @@ from __future__ import annotations
 import functools
 import json
 import math
+import mmap
 import os
 import stat
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub import _json
-from adapterhub.errors import CorruptFileError, MissingFileError
+from adapterhub.errors import CorruptFileError, FormatError, MissingFileError
 
 if TYPE_CHECKING:
     import torch
@@ -165,12 +167,41 @@ def _open(path: str, mtime_ns: int, size: int) -> Any:
     return safe_open(path, framework="pt")
 
 
-def load_tensor(info: TensorInfo, *, cached: bool = True) -> torch.Tensor:
-    """Read one tensor (memory-mapped by safetensors) as a torch tensor on the CPU.
+@functools.lru_cache(maxsize=32)
+def _mapped(path: str, mtime_ns: int, size: int) -> mmap.mmap:
+    """A cached private (copy-on-write) mapping of a whole file; tensors are views of it and keep it alive."""
+    with open(path, "rb") as fh:
+        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
 
-    ``cached`` keeps the file's handle (and its mapping) open for the next read: right for adapter
-    files read factor by factor, wrong for streaming a large base checkpoint, whose mapped pages
-    would then stay resident.
+
+def _view(info: TensorInfo, st: os.stat_result) -> torch.Tensor | None:
+    """``info``'s tensor as a view of the file's cached mapping, or None where safetensors must read it (sub-byte
+    or unaligned data, a big-endian machine). safetensors' ``get_tensor`` keeps about 64 bytes per call
+    (safetensors 0.8.0): 10,000 adapter loads grew RSS by 20 MiB; views of one mapping keep nothing."""
+    import torch
+
+    from adapterhub.dtypes import st_to_torch
+
+    try:
+        dtype = st_to_torch(info.dtype)
+    except FormatError:
+        return None  # safetensors says what this torch cannot hold
+    nbytes = info.end - info.start
+    if sys.byteorder != "little" or nbytes % dtype.itemsize or info.start % dtype.itemsize:
+        return None
+    if st.st_size < info.end:
+        raise OSError(f"the file is {st.st_size} bytes, the tensor ends at byte {info.end}")
+    if nbytes == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    mm = _mapped(str(info.path), st.st_mtime_ns, st.st_size)
+    return torch.frombuffer(mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=info.start).view(info.shape)
+
+
+def load_tensor(info: TensorInfo, *, cached: bool = True) -> torch.Tensor:
+    """Read one tensor (memory-mapped) as a torch tensor on the CPU.
+
+    ``cached`` keeps the file's mapping open for the next read: right for adapter files read factor by
+    factor, wrong for streaming a large base checkpoint, whose mapped pages would then stay resident.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -179,8 +210,11 @@ def load_tensor(info: TensorInfo, *, cached: bool = True) -> torch.Tensor:
             with safe_open(str(info.path), framework="pt") as f:
                 return f.get_tensor(info.name)
         st = os.stat(info.path)
+        view = _view(info, st)
+        if view is not None:
+            return view
         return _open(str(info.path), st.st_mtime_ns, st.st_size).get_tensor(info.name)
-    except (SafetensorError, OSError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise CorruptFileError(
             f"Could not read tensor '{info.name}' from {info.path}: {e}\n"
             "  fix: the file changed or is damaged since it was opened; re-download it.",
