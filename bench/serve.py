@@ -31,7 +31,7 @@ Measured:
    one base + the pool vs one merged copy of the model per adapter.
 
 Usage (one benchmark at a time on a shared machine):
-    flock /tmp/adapterhub-bench.lock .venv/bin/python bench/serve.py             # ~10 min on 2 cores
+    flock /tmp/adapterhub-bench.lock .venv/bin/python bench/serve.py             # ~21 min on 2 busy cores
     flock /tmp/adapterhub-bench.lock .venv/bin/python bench/serve.py --quick     # fewer rounds/batches/cycles
 
 Options: ``--work DIR``, ``--adapters N`` (1,000), ``--batches N`` (8), ``--rounds N`` (7), ``--cycles N``
