@@ -115,10 +115,11 @@ class Pool:
             raise TypeError(f"Pool() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
         if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
             raise PoolError("a pool needs a transformers model (an nn.Module with a .config), got "
-                            f"{type(model).__name__}.")
+                            f"{type(model).__name__}.\n  fix: load the base with transformers' "
+                            "AutoModel*.from_pretrained and pass that model.")
         for name, value in (("slots", slots), ("max_rank", max_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PoolError(f"{name} must be a positive integer, not {value!r}.")
+                raise PoolError(f"{name} must be a positive integer, not {value!r}.\n  fix: e.g. {name}=16.")
         from adapterhub.runtime.attached import attached_to
 
         if attached_to(model) is not None or model.__dict__.get(_ATTR) is not None:
@@ -184,7 +185,8 @@ class Pool:
         ``num_return_sequences``) keep their row's adapter. Raises as :meth:`forward`.
         """
         if not callable(getattr(self.model, "generate", None)):
-            raise PoolError(f"{type(self.model).__name__} has no generate(); use pool.forward().")
+            raise PoolError(f"{type(self.model).__name__} has no generate().\n  fix: use pool.forward(), or serve a "
+                            "causal LM (AutoModelForCausalLM) to generate.")
         with self._exclusive():
             slots = self._prepare(adapters, _batch_size(generate_kwargs, "generate"))
             with self._running(slots), torch.no_grad():
@@ -308,7 +310,7 @@ class Pool:
         with self._exclusive():
             entry = self._entry_of(adapter)
             if entry.pins == 0:
-                raise PoolError(f"{entry.label} is not pinned.")
+                raise PoolError(f"{entry.label} is not pinned.\n  fix: unpin() only what pin() pinned (pins count).")
             entry.pins -= 1
 
     def evict(self, adapter: Any) -> None:
@@ -408,7 +410,9 @@ class Pool:
                                 "references and directories, or pass Adapter values.", row=i, ref=_label(row))
             out = self._resolve(x)
             if not isinstance(out, Adapter):
-                raise PoolError(f"row {i}: the resolver turned {x!r} into a {type(out).__name__}, not an Adapter.",
+                raise PoolError(f"row {i}: the resolver turned {x!r} into a {type(out).__name__}, not an Adapter.\n"
+                                "  fix: make the resolver return adapterhub Adapter values (adapterhub.load / "
+                                "read_adapter).",
                                 row=i, ref=_label(row))
             return out
 
@@ -531,7 +535,8 @@ class Pool:
                 slot = entry.slot
                 self._drop(entry, free=False)
                 return slot
-        raise PoolError("no slot can be freed.")  # not reached: prepare() counted the evictable slots first
+        # not reached: prepare() counted the evictable slots first
+        raise PoolError("no slot can be freed.\n  fix: unpin adapters, or build the pool with more slots.")
 
     def _drop(self, entry: _Entry, free: bool = True) -> None:
         if free:
