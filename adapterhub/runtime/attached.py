@@ -23,6 +23,7 @@ from adapterhub.adapter import Adapter
 from adapterhub.compose.checks import Report
 from adapterhub.errors import AttachedStateError, AttachError, CompositionError
 from adapterhub.runtime.compose import Block, as_tree
+from adapterhub.runtime.override import install_all
 from adapterhub.runtime.plan import Plan, label, make_plan
 
 #: where a model keeps its attachment (a plain attribute: no parameter, buffer or state_dict key; removed
@@ -86,15 +87,7 @@ class Attached:
         sites = {key: factory() for key, (factory, _) in plan.sites.items()}
         for key, site in sites.items():
             site.set_payload(plan.sites[key][1])
-        done: list[Any] = []
-        try:
-            for site in sites.values():
-                site.install()
-                done.append(site)
-        except BaseException:
-            for site in reversed(done):
-                site.uninstall()
-            raise
+        install_all(sites.values())
         self._sites = sites
         self._tree = tree
         self._plan = plan

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterhub.errors import AttachedStateError
 from adapterhub.runtime.arch import PostLN, PreLN
 from adapterhub.runtime.compose import Average, Block, Stack
+from adapterhub.runtime.override import ForwardOverride
 
 #: config keys whose truthy value the runtime cannot compute
 UNSUPPORTED = {"use_gating": "gating", "phm_layer": "PHM layers", "inv_adapter": "invertible adapters"}
@@ -233,8 +233,10 @@ class _BottleneckSite:
         return n
 
 
-class PostLNSite(_BottleneckSite):
+class PostLNSite(ForwardOverride, _BottleneckSite):
     """Replaces ``forward(h, x) = LN(dropout(dense(h)) + x)`` of one module."""
+
+    undo_fix = "undo that change first, then detach"
 
     def __init__(self, module: nn.Module, path: str, place: PostLN) -> None:
         super().__init__(path)
@@ -248,26 +250,6 @@ class PostLNSite(_BottleneckSite):
             return (self.previous or type(m).forward.__get__(m))(hidden_states, input_tensor, *args, **kw)
         h = getattr(m, p.dropout)(getattr(m, p.dense)(hidden_states))
         return evaluate(self.tree, self.mods, h, input_tensor, getattr(m, p.norm))[0]
-
-    def install(self) -> None:
-        if self.module.__dict__.get("forward") is not self.previous:
-            raise AttachedStateError(f"the forward of {self.path} changed between planning and attaching.\n"
-                                     "  fix: attach again.")
-        self.module.forward = self
-        self.installed = True
-
-    def uninstall(self) -> None:
-        if not self.installed:
-            return
-        if self.module.__dict__.get("forward") is not self:
-            raise AttachedStateError(
-                f"the forward of {self.path} was replaced by someone else after adapterhub attached to it.\n"
-                "  fix: undo that change first, then detach.")
-        if self.previous is None:
-            del self.module.__dict__["forward"]
-        else:
-            self.module.__dict__["forward"] = self.previous
-        self.installed = False
 
 
 class PreLNSite(_BottleneckSite):

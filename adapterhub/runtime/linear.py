@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterhub.errors import AttachedStateError
 from adapterhub.runtime.lora import ConcatPlan
+from adapterhub.runtime.override import ForwardOverride
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -35,7 +35,7 @@ def _scale(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return t * v if t.dtype == v.dtype else (t.to(v.dtype) * v).to(t.dtype)
 
 
-class LinearSite:
+class LinearSite(ForwardOverride):
     """IA3 scaling and the LoRA delta of one module; every field may be None (the site then passes through)."""
 
     kind = "linear"
@@ -75,25 +75,6 @@ class LinearSite:
         self.ia3_out = payload.get("ia3_out")
         self.merged = payload.get("merged")
 
-    def install(self) -> None:
-        if self.module.__dict__.get("forward") is not self.previous:
-            raise AttachedStateError(f"the forward of {self.path} changed between planning and attaching.\n"
-                                     "  fix: attach again.")
-        self.module.forward = self
-        self.installed = True
-
-    def uninstall(self) -> None:
-        if not self.installed:
-            return
-        if self.module.__dict__.get("forward") is not self:
-            raise AttachedStateError(
-                f"the forward of {self.path} was replaced by someone else after adapterhub attached to it.\n"
-                "  fix: undo that change first (remove the other wrapper), then detach.")
-        if self.previous is None:
-            del self.module.__dict__["forward"]
-        else:
-            self.module.__dict__["forward"] = self.previous
-        self.installed = False
 
     @property
     def nbytes(self) -> int:

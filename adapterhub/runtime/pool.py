@@ -34,6 +34,7 @@ from adapterhub.errors import AdapterHubError, AttachedStateError, AttachError, 
 from adapterhub.runtime.compose import Block, as_tree, linear_terms
 from adapterhub.runtime.ia3 import ia3_vector
 from adapterhub.runtime.linear import is_linear_like
+from adapterhub.runtime.override import install_all
 from adapterhub.runtime.plan import check_tree, label
 from adapterhub.runtime.slots import SlotSite, SlotState
 from adapterhub.runtime.view import LiveModel
@@ -138,15 +139,7 @@ class Pool:
             raise PoolError(f"no Linear module of {type(model).__name__} matches targets={targets!r}.\n"
                             "  fix: name modules the model has (e.g. q_proj, v_proj), or use 'all-linear'.")
         sites = {p: SlotSite(model.get_submodule(p), p, self._state, slots=slots, max_rank=max_rank) for p in paths}
-        done: list[SlotSite] = []
-        try:
-            for site in sites.values():
-                site.install()
-                done.append(site)
-        except BaseException:
-            for site in reversed(done):
-                site.uninstall()
-            raise
+        install_all(sites.values())
         self._sites = sites
         self._device = next(iter(sites.values())).a.device
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()  # least recently used first

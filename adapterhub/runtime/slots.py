@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterhub.errors import AttachedStateError, PoolError
+from adapterhub.errors import PoolError
+from adapterhub.runtime.override import ForwardOverride
 
 
 class SlotState:
@@ -82,10 +83,14 @@ def _gathered_scale(t: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> 
     return t * v if t.dtype == v.dtype else (t.to(v.dtype) * v).to(t.dtype)
 
 
-class SlotSite:
+class SlotSite(ForwardOverride):
     """The per-row adapter forward of one ``nn.Linear``; buffers are allocated once and written in place."""
 
     kind = "slots"
+    changed_when = "while the pool was being built"
+    changed_fix = "build the pool again"
+    owner = "the pool installed its own"
+    undo_fix = "undo that change first (remove the other wrapper), then close the pool"
 
     def __init__(self, module: nn.Module, path: str, state: SlotState, *, slots: int, max_rank: int) -> None:
         w = module.weight
@@ -185,24 +190,3 @@ class SlotSite:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.a, self.bt, self.ia3_in, self.ia3_out) if t is not None)
 
-    # --- installing ------------------------------------------------------------------------------
-
-    def install(self) -> None:
-        if self.module.__dict__.get("forward") is not self.previous:
-            raise AttachedStateError(f"the forward of {self.path} changed while the pool was being built.\n"
-                                     "  fix: build the pool again.")
-        self.module.forward = self
-        self.installed = True
-
-    def uninstall(self) -> None:
-        if not self.installed:
-            return
-        if self.module.__dict__.get("forward") is not self:
-            raise AttachedStateError(
-                f"the forward of {self.path} was replaced by someone else after the pool installed its own.\n"
-                "  fix: undo that change first (remove the other wrapper), then close the pool.")
-        if self.previous is None:
-            del self.module.__dict__["forward"]
-        else:
-            self.module.__dict__["forward"] = self.previous
-        self.installed = False
