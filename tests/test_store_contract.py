@@ -220,3 +220,80 @@ def test_s3_errors_are_storage_errors_that_say_what_to_do(seaweed, monkeypatch):
     with pytest.raises(StorageError) as e:
         down.read_doc("registry.json")
     assert "fix: check that the server at http://127.0.0.1:9 runs" in str(e.value)
+
+
+def _flip_stored(kind: str, store, seaweed, digest: str, data: bytes) -> None:
+    flipped = bytearray(data)
+    flipped[len(data) - 3 * MiB] ^= 0x01  # in the second chunk of 8 MiB
+    if kind == "s3":
+        seaweed.client().put_object(Bucket=store.bucket, Key=store._k(blob_key(digest)), Body=bytes(flipped))
+    else:
+        path = store.blob_path(digest)
+        os.chmod(path, 0o644)
+        path.write_bytes(bytes(flipped))
+
+
+def test_a_blob_of_several_chunks_is_received_hashed_and_a_flipped_byte_is_refused(backend, seaweed, tmp_path):
+    """What a pull does with each blob: the source streams it, the local destination writes and hashes it in
+    8 MiB chunks (a reading thread, reused buffers); a flipped byte anywhere stores nothing."""
+    kind, _, _, make = backend
+    src = make(part_size=5 * MiB, multipart_threshold=5 * MiB)
+    data = os.urandom(11 * MiB + 123)
+    digest = digest_of(data)
+    src.put_blob(digest, len(data), io.BytesIO(data))
+    dst = LocalStore(tmp_path / "dst")
+    dst.make_layout()
+    seen = []
+    stream = src.open_blob(digest)
+    assert hasattr(stream, "readinto")
+    dst.put_blob(digest, len(data), stream, seen.append)
+    stream.close()
+    assert dst.blob_path(digest).read_bytes() == data and sum(seen) == len(data)
+    if kind == "s3":
+        assert stream._fp is not None, "read straight from the HTTP response"
+        assert stream._raw._connection is None, "read to its end: the connection went back to the pool"
+        assert src.traffic.received == len(data)
+    dst.delete_blob(digest)
+
+    _flip_stored(kind, src, seaweed, digest, data)
+    stream = src.open_blob(digest)
+    with pytest.raises(IntegrityError) as e:
+        dst.put_blob(digest, len(data), stream)
+    stream.close()
+    assert e.value.expected == digest and f"{len(data)} bytes" in str(e.value) and "fix:" in str(e.value)
+    assert not dst.has_blob(digest) and list(dst.tmp.iterdir()) == [], "nothing stored, no staging left"
+
+
+def test_a_stream_without_readinto_is_received_the_same_way(tmp_path):
+    class Reads:  # a plain reader (read() only), as a third-party stream may be
+        def __init__(self, data: bytes) -> None:
+            self.f = io.BytesIO(data)
+
+        def read(self, n: int = -1) -> bytes:
+            return self.f.read(min(n, 3 * MiB + 7) if n and n > 0 else -1)
+
+    from adapterhub.registry.store import receive
+
+    data = os.urandom(9 * MiB + 5)
+    with open(tmp_path / "out", "wb") as f:
+        assert receive(Reads(data), f.fileno(), chunk=2 * MiB) == (digest_of(data), len(data))
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def test_an_s3_body_that_ends_before_its_length_is_a_network_error_and_stores_nothing(seaweed, s3_url, tmp_path):
+    """A connection that closes early is a StorageError saying so (not a damaged blob), and nothing is stored."""
+    from adapterhub.registry.remotes.s3 import _CountingStream
+
+    src = open_store(parse_location(s3_url, seaweed.endpoint_url))
+    data = os.urandom(3 * MiB)
+    digest = digest_of(data)
+    src.put_blob(digest, len(data), io.BytesIO(data))
+    dst = LocalStore(tmp_path / "dst")
+    dst.make_layout()
+    body = src.client.get_object(Bucket=src.bucket, Key=src._k(blob_key(digest)))["Body"]
+    # the real body of the blob, announced one byte longer than it is: the server's connection ends early
+    stream = _CountingStream(body, src.traffic, src._errors, len(data) + 1, src.describe(digest))
+    with pytest.raises(StorageError) as e:
+        dst.put_blob(digest, len(data) + 1, stream)
+    assert f"closed after {len(data)} of {len(data) + 1} bytes" in str(e.value) and "fix:" in str(e.value)
+    assert not dst.has_blob(digest) and list(dst.tmp.iterdir()) == []

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol
@@ -197,6 +197,89 @@ def prefetched(reader: BinaryIO, chunk: int = CHUNK, depth: int = 2) -> Iterator
     finally:
         stop.set()
         t.join(timeout=5)
+
+
+#: start each received chunk's write-back as soon as it is written (the final fsync then waits for little)
+WRITE_BEHIND = True
+
+
+def _fill(readinto: Callable[[memoryview], int | None], buf: bytearray) -> int:
+    """Read into ``buf`` until it is full or the stream ends; the bytes read."""
+    view, got = memoryview(buf), 0
+    while got < len(buf):
+        n = readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def receive(reader: BinaryIO, fd: int, progress: Progress | None = None, *, chunk: int = CHUNK,
+            depth: int = 3) -> tuple[str, int]:
+    """Copy a stream to the file ``fd`` and return (``sha256:HEX``, bytes) of what arrived.
+
+    A second thread reads (with ``readinto`` into ``depth`` reused buffers when the stream has it, so
+    no chunk is allocated or copied twice), writes each chunk and starts its write-back; this thread
+    hashes the chunks in order meanwhile (reading, writing and hashing all release the GIL). The caller
+    decides what the digest allows; nothing here is fsynced."""
+    readinto = getattr(reader, "readinto", None)
+    free: queue.Queue = queue.Queue()
+    full: queue.Queue = queue.Queue()
+    for _ in range(depth if readinto is not None else 0):
+        free.put(bytearray(chunk))
+    stop = threading.Event()
+
+    def run() -> None:
+        offset = 0
+        try:
+            while not stop.is_set():
+                if readinto is not None:
+                    try:
+                        buf = free.get(timeout=0.1)
+                    except queue.Empty:
+                        continue
+                    n = _fill(readinto, buf)
+                    data: bytes | memoryview = memoryview(buf)[:n]
+                else:
+                    buf, data = None, reader.read(chunk)
+                    n = len(data)
+                if stop.is_set():
+                    return
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if n and WRITE_BEHIND:
+                    with suppress(OSError):  # a hint: some file systems refuse it
+                        os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
+                offset += n
+                full.put((buf, data, n))
+                if not n:
+                    return
+        except BaseException as e:  # handed to the hashing thread, raised there
+            full.put(e)
+
+    t = threading.Thread(target=run, daemon=True, name="adapterhub-receive")
+    t.start()
+    h = hashlib.sha256()
+    size = 0
+    try:
+        while True:
+            item = full.get()
+            if isinstance(item, BaseException):
+                raise item
+            buf, data, n = item
+            if not n:
+                break
+            h.update(data)
+            size += n
+            if buf is not None:
+                free.put(buf)
+            if progress:
+                progress(n)
+    finally:
+        stop.set()
+        t.join()  # never leave a thread that could still write to fd once the caller closes it
+    return f"sha256:{h.hexdigest()}", size
 
 
 def blob_key(digest: str) -> str:
@@ -533,17 +616,14 @@ class LocalStore:
         with os_errors(f"storing blob {digest}"):
             fd, tmp = self._temp()
             try:
-                src = HashingReader(reader, progress)
                 with os.fdopen(fd, "wb") as out:
-                    for chunk in prefetched(src):
-                        out.write(chunk)
-                    out.flush()
-                    if src.digest != digest:
+                    actual, got = receive(reader, out.fileno(), progress)
+                    if actual != digest:
                         raise IntegrityError(
-                            f"the bytes received for blob {digest} hash to {src.digest} ({src.size} bytes, "
+                            f"the bytes received for blob {digest} hash to {actual} ({got} bytes, "
                             f"{size} expected); nothing was stored.\n  fix: the source's copy is damaged: run "
                             "`adapterhub verify` there, re-push the adapter to it, then retry.",
-                            expected=digest, actual=src.digest)
+                            expected=digest, actual=actual)
                     os.fsync(out.fileno())
                 if self.has_blob(digest):
                     try:

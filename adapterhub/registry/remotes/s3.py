@@ -383,7 +383,9 @@ class S3Store:
         if resp is None:
             raise NotFoundError(f"blob {digest} is missing from {self.location}.\n  file: {self.describe(digest)}\n"
                                 "  fix: push the version there again.")
-        return _CountingStream(resp["Body"], self.traffic, self._errors)
+        length = resp.get("ContentLength")
+        return _CountingStream(resp["Body"], self.traffic, self._errors, None if length is None else int(length),
+                               self.describe(digest))
 
     def _list(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
         kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._k(prefix)}
@@ -506,18 +508,49 @@ class S3Store:
 
 
 class _CountingStream:
-    """A GetObject body that counts received bytes and translates network failures."""
+    """A GetObject body that counts received bytes, translates network failures and refuses a body that
+    ends before its Content-Length (a dropped connection is a network error, not a damaged blob).
 
-    def __init__(self, body: Any, traffic: Traffic, errors: Callable[[str], Any]) -> None:
+    ``readinto`` reads straight from the HTTP response into the caller's buffer when botocore's body
+    exposes it (urllib3's own ``readinto`` allocates and copies every chunk once more)."""
+
+    def __init__(self, body: Any, traffic: Traffic, errors: Callable[[str], Any], length: int | None = None,
+                 where: str = "a blob") -> None:
         self.body = body
         self.traffic = traffic
         self.errors = errors
+        self.length = length
+        self.where = where
+        self.received = 0
+        raw = getattr(body, "_raw_stream", None)  # urllib3's response
+        fp = getattr(raw, "_fp", None)  # the http.client response under it
+        plain = raw is not None and not (getattr(raw, "headers", None) or {}).get("content-encoding")
+        self._raw = raw if plain and hasattr(fp, "readinto") and hasattr(raw, "release_conn") else None
+        self._fp = fp if self._raw is not None else None
+
+    def _count(self, n: int, want: int) -> None:
+        self.received += n
+        self.traffic.add(received=n)
+        if n == 0 and want > 0 and self.length is not None and self.received < self.length:
+            raise StorageError(f"the connection closed after {self.received} of {self.length} bytes of {self.where}.\n"
+                              "  fix: check the server and the network, then retry (what arrived was not stored).")
 
     def read(self, n: int = -1) -> bytes:
         with self.errors("downloading a blob"):
             chunk = self.body.read(n if n and n > 0 else None)
-        self.traffic.add(received=len(chunk))
+        self._count(len(chunk), n if n and n > 0 else 1)
         return chunk
+
+    def readinto(self, b: Any) -> int:
+        with self.errors("downloading a blob"):
+            if self._fp is not None:
+                got = self._fp.readinto(b) or 0
+                if not got and self._fp.isclosed():
+                    self._raw.release_conn()  # read to its end: the connection goes back to the pool
+            else:
+                got = self.body.readinto(b) or 0
+        self._count(got, len(b))
+        return got
 
     def close(self) -> None:
         self.body.close()
