@@ -392,6 +392,16 @@ def test_many_versions_sharing_files_send_exactly_the_unique_bytes_once(seaweed,
     assert {v.ref: v.digest for v in fresh.list()} == {r.ref: r.digest for r in versions}
     assert fresh.verify().ok
 
+    # a bucket that holds some of the blobs already (in some blobs/sha256/XX/ prefixes): exactly the others go
+    partial = open_registry(s3_url.replace("/reg", "/partial"), endpoint_url=seaweed.endpoint_url)
+    partial.push(MINILM_LORA, "other/x")
+    there = {d for d in unique if partial.store.has_blob(d if d.startswith("sha256:") else "sha256:" + d)}
+    assert there, "the weights and config are there already"
+    sent_before = partial.store.traffic.sent
+    report = copy_versions(local, partial, versions)
+    assert report.bytes_sent == sum(n for d, n in unique.items() if d not in there)
+    assert partial.store.traffic.sent - sent_before == report.bytes_sent and partial.verify().ok
+
 
 def test_bad_remote_arguments_are_refused_clearly_and_create_nothing(seaweed, s3_url, tmp_path, monkeypatch):
     reg = tmp_path / "reg"

@@ -127,9 +127,11 @@ def copy_versions(src: Registry, dst: Registry, versions: list[Resolved], *, ren
                 result = job.result()
                 if result is not None:
                     done[r.name].append((r, result))
-            for name in names:
-                if tags and done[name]:
-                    copy.tags(name, done[name])
+            # each name's tags and newest, several names at once (one or two requests each on a remote)
+            jobs += [version_pool.submit(copy.tags, name, done[name]) for name in names if tags and done[name]]
+            for job in jobs:
+                job.result()
+            copy.report.tags.sort(key=lambda t: t.split("@", 1)[0])  # by name, as the names were given
         finally:
             for job in jobs:
                 job.cancel()
@@ -152,6 +154,7 @@ class _Copy:
         self.lock = threading.Lock()
         self.inflight: dict[str, Future] = {}
         self.prefixes: dict[str, Future] = {}  # blobs/sha256/XX/ -> future of the set of digests there
+        self.fans: set[str] | None = None  # the XX of every blobs/sha256/XX/ that holds a blob, listed once
         self.listing = listing
         # every ref of the destination, listed once (many versions to a remote); None: ask per version
         self.refs: set[str] | None = set(dst.store.walk_docs("refs")) if listing else None
@@ -183,6 +186,10 @@ class _Copy:
             return self.dst.store.has_blob(digest)
         fan = digest.removeprefix("sha256:")[:2]
         with self.lock:
+            if self.fans is None:  # the blobs/sha256/XX/ prefixes that hold anything: one request
+                self.fans = set(self.dst.store.list_docs("blobs/sha256"))
+            if fan not in self.fans:  # absent (one stored meanwhile by another: create-if-absent keeps it)
+                return False
             fut = self.prefixes.get(fan)
             if fut is None:
                 fut = self.prefixes[fan] = Future()
