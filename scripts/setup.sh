@@ -17,13 +17,13 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip=(.venv/bin/python -m pip install -q -c scripts/constraints.txt)
 # torch first and pinned: every later install sees it satisfied and pulls no CUDA wheels
 "${pip[@]}" "torch==2.13.0"
-rm -f .venv/missing-test-deps.txt
 if [ "$extras" != "test" ]; then
   target="."
   [ -n "$extras" ] && target=".[$extras]"
   "${pip[@]}" -e "$target"
   exit 0
 fi
+rm -f .venv/missing-test-deps.txt
 if "${pip[@]}" --retries 2 -e ".[test]"; then
   exit 0
 fi
