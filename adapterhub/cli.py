@@ -240,7 +240,7 @@ class _LazyRegistry:
             if self.path is not None and "://" in self.path:  # a remote registry: s3://, file://
                 from adapterhub.registry.remotes import open_registry
 
-                self._registry = open_registry(self.path, None, self.endpoint_url)
+                self._registry = open_registry(self.path, None, self.endpoint_url, create=self.create)
             else:
                 self._registry = Registry(self.path, create=self.create or self.path is None)
         return self._registry
@@ -263,8 +263,9 @@ def cli(ctx: click.Context, registry_path: str | None, endpoint_url: str | None)
     ctx.obj = _LazyRegistry(registry_path, endpoint_url, create=ctx.invoked_subcommand not in READ_ONLY_COMMANDS)
 
 
-#: commands with nothing to do on an empty registry: on a --registry path that holds none they say so
-READ_ONLY_COMMANDS = frozenset({"list", "show", "pull", "verify", "du", "gc", "reindex", "tag", "untag", "rm"})
+#: commands that only read a registry (blend without --push too): on a --registry path that holds none they say so
+READ_ONLY_COMMANDS = frozenset({"list", "show", "pull", "verify", "du", "gc", "reindex", "tag", "untag", "rm", "run",
+                                "export", "blend"})
 
 
 pass_registry = click.make_pass_decorator(_LazyRegistry)
@@ -948,6 +949,7 @@ def blend(reg: _LazyRegistry, ctx: click.Context, sources: tuple[str, ...], weig
     options = _given_method_options(kwargs)
     if (push_target is None) == (output is None):
         raise click.UsageError("give exactly one of --push NAME[@VERSION] or -o DIR")
+    reg.create = push_target is not None  # -o only reads references: a mistyped --registry stays a typo
     if recipe_file and sources:
         raise click.UsageError("give SOURCES or --recipe, not both")
     if not recipe_file and not sources:

@@ -46,7 +46,8 @@ class Pool(_RuntimePool):
                 if registry is None or isinstance(registry, str | os.PathLike):
                     from adapterhub.registry import Registry
 
-                    opened.append(Registry(registry))
+                    # a pool only reads: a mistyped path is refused, never made a registry (the default is made)
+                    opened.append(Registry(registry, create=registry is None))
                 else:
                     opened.append(registry)
             return opened[0]

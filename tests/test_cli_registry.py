@@ -381,3 +381,30 @@ def test_push_and_an_import_create_the_registry(tmp_path):
     r = CliRunner().invoke(cli, ["--registry", str(dst), "pull", "t/a@1", "--from", str(src)])
     assert r.exit_code == 0, r.output
     assert CliRunner().invoke(cli, ["--registry", str(dst), "list"]).output.splitlines()[1].startswith("t/a@1 ")
+
+
+@pytest.mark.parametrize("argv", [["run", "a/b@1", "--base", "{base}", "--ids", "1,2"],
+                                  ["export", "a/b@1", "--base", "{base}", "-o", "{tmp}/out"],
+                                  ["blend", "a/b@1", "a/c@1", "-o", "{tmp}/out"]])
+def test_commands_that_read_references_on_a_mistyped_registry_create_nothing(argv, tmp_path):
+    """run, export and blend -o resolved their references through a registry they created at a typo."""
+    typo = tmp_path / "typo" / "sub"
+    args = [a.format(tmp=tmp_path, base=ADAPTERS_LIB / "tiny_llama_base") for a in argv]
+    r = CliRunner().invoke(cli, ["--registry", str(typo), *args])
+    assert r.exit_code == 1, r.output
+    assert r.output.endswith(f"error: no adapterhub registry at {typo}.\n  fix: check the path (--registry or "
+                             "$ADAPTERHUB_REGISTRY); `adapterhub push` creates a registry there.\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_read_command_on_a_mistyped_file_url_creates_nothing_and_push_and_blend_push_create(tmp_path):
+    typo = tmp_path / "typo" / "sub"
+    r = CliRunner().invoke(cli, ["--registry", f"file://{typo}", "list"])
+    assert r.exit_code == 1 and f"no adapterhub registry at {typo}" in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
+    r = CliRunner().invoke(cli, ["--registry", f"file://{typo}", "push", str(ADAPTERS_LIB / "minilm_lora"), "t/a"])
+    assert r.exit_code == 0, r.output
+    other = tmp_path / "blended"
+    r = CliRunner().invoke(cli, ["--registry", str(other), "blend", str(ADAPTERS_LIB / "minilm_lora"), "--push", "t/b"])
+    assert r.exit_code == 0, r.output
+    assert CliRunner().invoke(cli, ["--registry", f"file://{other}", "list"]).output.splitlines()[1].startswith("t/b@1")

@@ -447,3 +447,21 @@ def test_the_runtime_pool_points_registry_users_to_adapterhub_pool(model):
     assert not isinstance(e.value, TypeError) and "_adapterhub_pool" not in model.__dict__
     with pytest.raises(TypeError, match="unexpected keyword argument.*: slot"):
         Pool(model, slot=2)
+
+
+def test_slot_buffers_too_big_to_allocate_are_a_pool_error_and_change_nothing(model):
+    """max_rank=10**9 raised torch's raw allocator RuntimeError."""
+    with pytest.raises(PoolError, match=r"slots=8, max_rank=1000000000 need .* GiB on cpu, which could not be "
+                                        r"allocated .*\n  fix: build the pool with fewer slots or a smaller max_rank"):
+        Pool(model, slots=8, max_rank=10**9)
+    assert "_adapterhub_pool" not in model.__dict__
+    with Pool(model, slots=1, max_rank=1):  # nothing was left installed
+        pass
+
+
+def test_adapterhub_pool_on_a_mistyped_registry_path_refuses_and_creates_nothing(model, tmp_path):
+    typo = tmp_path / "typo" / "sub"
+    with adapterhub.Pool(model, registry=str(typo), slots=1, max_rank=4) as p:
+        with pytest.raises(PoolError, match=f"row 0 \\(t/a\\) cannot be served: no adapterhub registry at {typo}"):
+            p.forward(["t/a"], input_ids=ids_for(1))
+    assert list(tmp_path.iterdir()) == []

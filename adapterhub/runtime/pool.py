@@ -138,7 +138,16 @@ class Pool:
         if not paths:
             raise PoolError(f"no Linear module of {type(model).__name__} matches targets={targets!r}.\n"
                             "  fix: name modules the model has (e.g. q_proj, v_proj), or use 'all-linear'.")
-        sites = {p: SlotSite(model.get_submodule(p), p, self._state, slots=slots, max_rank=max_rank) for p in paths}
+        try:
+            sites = {p: SlotSite(model.get_submodule(p), p, self._state, slots=slots, max_rank=max_rank)
+                     for p in paths}
+        except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
+            if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):
+                raise
+            need = _slot_bytes(model, paths, slots, max_rank)
+            raise PoolError(f"the slot buffers for slots={slots}, max_rank={max_rank} need {need / 2**30:.3g} GiB "
+                            f"on {next(model.parameters()).device}, which could not be allocated ({e}).\n"
+                            "  fix: build the pool with fewer slots or a smaller max_rank.") from e
         install_all(sites.values())
         self._sites = sites
         self._device = next(iter(sites.values())).a.device
@@ -565,6 +574,15 @@ def _targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
         return [n for n, m in names if m is not out_layer]
     wanted = [targets] if isinstance(targets, str) else list(targets)
     return [n for n, _ in names if any(n == t or n.endswith("." + t) for t in wanted)]
+
+
+def _slot_bytes(model: nn.Module, paths: list[str], slots: int, max_rank: int) -> int:
+    """Bytes of the LoRA slot buffers a pool allocates for ``paths``."""
+    total = 0
+    for p in paths:
+        w = model.get_submodule(p).weight
+        total += (slots + 1) * max_rank * (w.shape[0] + w.shape[1]) * w.element_size()
+    return total
 
 
 def _batch_size(inputs: dict[str, Any], what: str) -> int:
