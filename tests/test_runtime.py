@@ -421,3 +421,16 @@ def test_a_refused_swap_to_non_finite_values_is_refused_again(ads, model):
             with pytest.raises(AttachError, match="non-finite"):
                 attached.swap(b, poisoned)
             assert torch.equal(logits(model), before)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--ids", "-1,2"], "token id(s) -1 are outside the vocabulary of"),
+    (["--ids", "5,99999999"], "token id(s) 99999999 are outside the vocabulary of"),
+    (["--ids", ","], "no token ids were given"),
+    (["--ids", "5", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer, not 0"),
+])
+def test_cli_run_refuses_ids_and_lengths_the_model_cannot_take(args, message):
+    """Were internal errors (IndexError from the embedding, transformers' ValueError, a reshape error)."""
+    out = CliRunner().invoke(cli, ["run", "--base", str(LLAMA_BASE), str(ADAPTERS_LIB / "llama_lora"), *args])
+    assert out.exit_code == 1, out.output  # as the other CompositionErrors of run (neither prompt nor ids)
+    assert message in out.output and "\n  fix: pass " in out.output and "internal error" not in out.output

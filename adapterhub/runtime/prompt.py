@@ -44,6 +44,11 @@ def run_prompt(base_dir: str | Path, composition: Any, *, prompt: str | None = N
     if (prompt is None) == (token_ids is None):
         raise CompositionError("give either a prompt or token ids.\n  fix: pass --prompt TEXT or --ids 1,2,3 "
                                "(Python: prompt= or token_ids=), not both.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise CompositionError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}.\n"
+                               "  fix: pass --max-new-tokens 1 or more.")
+    if token_ids is not None and not token_ids:
+        raise CompositionError("no token ids were given.\n  fix: pass --ids with at least one id, e.g. --ids 1,2,3.")
     base = BaseCheckpoint.open(base_dir)
     try:
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -62,6 +67,11 @@ def run_prompt(base_dir: str | Path, composition: Any, *, prompt: str | None = N
                                       "  fix: pass --ids with token ids instead.", path=base_dir) from e
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     else:
+        vocab = model.get_input_embeddings().num_embeddings
+        bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise CompositionError(f"token id(s) {', '.join(map(repr, bad[:5]))} are outside the vocabulary of "
+                                   f"{base_dir} (ids 0..{vocab - 1}).\n  fix: pass ids from 0 to {vocab - 1}.")
         ids = torch.tensor([token_ids], dtype=torch.long)
     mask = torch.ones_like(ids)
 
