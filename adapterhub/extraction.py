@@ -590,9 +590,10 @@ def extract(base: str | Path, tuned: str | Path, *, rank: int | None = None, ene
     if dtype is not None:
         out_st = DTYPES.get(dtype.lower())
         if out_st is None:
-            raise ExtractError(f"unknown dtype {dtype!r}; choose one of {', '.join(sorted(DTYPES))}.")
+            raise ExtractError(f"unknown dtype {dtype!r} for the LoRA factors.\n  fix: choose one of "
+                               f"{', '.join(sorted(DTYPES))} (--dtype).")
     if not max_change > 0:
-        raise ExtractError(f"max_change must be > 0, not {max_change}.")
+        raise ExtractError(f"max_change must be > 0, not {max_change}.\n  fix: pass e.g. max_change=0.5.")
     base_ckpt, tuned_ckpt = BaseCheckpoint.open(base), BaseCheckpoint.open(tuned)
     tensors, _, notes = _plan(base_ckpt, tuned_ckpt, _selector(target, exclude))
     options = {"rank": rank, "energy": energy, "max_error": max_error, "target": target, "exclude": exclude,
@@ -715,21 +716,24 @@ def _run(tensors: list[_Tensor], base_ckpt: BaseCheckpoint, tuned_ckpt: BaseChec
 def _rule(rank: int | None, energy: float | None, max_error: float | None, oversample: int, power_iters: int,
           svd: str) -> _Rule:
     if energy is not None and max_error is not None:
-        raise ExtractError("give --energy or --max-error, not both (--energy F is --max-error sqrt(1 - F)).")
+        raise ExtractError("--energy and --max-error were both given.\n  fix: give one of them (--energy F is "
+                           "--max-error sqrt(1 - F)).")
     if rank is None and energy is None and max_error is None:
-        raise ExtractError("give --rank K, --energy F or --max-error E to choose the rank.")
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
-        raise ExtractError(f"rank must be a positive integer, not {rank!r}.")
+        raise ExtractError("no rank rule was given.\n  fix: give --rank K, --energy F or --max-error E to choose "
+                           "the rank.")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ExtractError(f"rank must be a positive integer, not {rank!r}.\n  fix: pass e.g. --rank 16.")
     if energy is not None:
         if not 0.0 < energy <= 1.0:
-            raise ExtractError(f"energy must be in (0, 1], not {energy}.")
+            raise ExtractError(f"energy must be in (0, 1], not {energy}.\n  fix: pass e.g. --energy 0.9.")
         max_error = math.sqrt(1.0 - energy)
     if max_error is not None and not 0.0 <= max_error < 1.0:
-        raise ExtractError(f"max_error must be in [0, 1), not {max_error}.")
+        raise ExtractError(f"max_error must be in [0, 1), not {max_error}.\n  fix: pass e.g. --max-error 0.1.")
     if svd not in ("auto", "randomized", "dense"):
-        raise ExtractError(f"svd must be 'auto', 'randomized' or 'dense', not {svd!r}.")
+        raise ExtractError(f"svd must be 'auto', 'randomized' or 'dense', not {svd!r}.\n  fix: pass one of them.")
     if oversample < 0 or power_iters < 0:
-        raise ExtractError("oversample and power_iters must be >= 0.")
+        raise ExtractError(f"oversample and power_iters must be >= 0, not {oversample} and {power_iters}.\n"
+                           "  fix: pass 0 or more.")
     return _Rule(rank, max_error, oversample, power_iters, svd)
 
 

@@ -370,7 +370,7 @@ def test_changes_peft_cannot_carry_are_named(tmp_path):
 def test_bad_options_and_outputs_are_refused_before_any_work(llama_base, llama_ft, tmp_path):
     with pytest.raises(ExtractError, match="give --rank K, --energy F or --max-error E"):
         extract(llama_base, llama_ft)
-    with pytest.raises(ExtractError, match="not both"):
+    with pytest.raises(ExtractError, match="were both given"):
         extract(llama_base, llama_ft, energy=0.9, max_error=0.1)
     with pytest.raises(ExtractError, match="not a valid regular expression"):
         extract(llama_base, llama_ft, rank=4, target="(")
@@ -463,3 +463,13 @@ def test_importing_adapterhub_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
     assert math.isclose(extraction.MAX_CHANGE, 0.5)
+
+
+@pytest.mark.parametrize("options", [{}, {"energy": 0.9, "max_error": 0.1}, {"rank": 0}, {"rank": True},
+                                     {"rank": 4.0}, {"energy": float("nan")}, {"energy": 1.5}, {"max_error": -1.0},
+                                     {"rank": 4, "dtype": "float64"}, {"rank": 4, "svd": "exact"},
+                                     {"rank": 4, "oversample": -1}])
+def test_every_refused_option_says_how_to_fix_it(options, llama_base, llama_ft):
+    """rank/energy/max_error/dtype refusals had no fix line; rank=True was taken as rank 1."""
+    with pytest.raises(ExtractError, match=r"\n  fix: "):
+        extract(llama_base, llama_ft, **options)
