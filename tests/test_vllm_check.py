@@ -140,3 +140,32 @@ def test_options_are_checked(made):
     assert r.exit_code == 1 and json.loads(r.output)["problems"][0]["code"] == "vllm-rank"
     r = run("check", FIXTURES / "nowhere", "--for", "vllm")
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_nan_weights_and_a_config_rank_the_tensors_disagree_with_are_errors(made, tmp_path):
+    """Both passed `check --for vllm` (vLLM loads them: it would serve NaN, or scale the tensors by alpha/r with
+    the config's r, where PEFT refuses the adapter)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    nan, lied = tmp_path / "nan", tmp_path / "lied"
+    shutil.copytree(made["r8"], nan)
+    shutil.copytree(made["r8"], lied)
+    sd = load_file(nan / "adapter_model.safetensors")
+    name = sorted(sd)[0]
+    sd[name] = sd[name].clone()
+    sd[name].view(-1)[3] = float("inf")
+    save_file(sd, nan / "adapter_model.safetensors")
+    config = json.loads((lied / "adapter_config.json").read_text())
+    (lied / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
+    assert torch.isinf(load_file(nan / "adapter_model.safetensors")[name]).any()
+    report = check_vllm(read_adapter(nan))
+    assert codes(report) == ["vllm-non-finite"] and "(1 value)" in report.errors[0].message
+    report = check_vllm(read_adapter(lied))
+    assert set(codes(report)) == {"vllm-rank-mismatch"} and len(report.errors) == 4  # q and v of 2 layers
+    assert "tensors have rank 8 but the config gives this module r=4" in report.errors[0].message
+    for d in (nan, lied):
+        r = run("check", d, "--for", "vllm")
+        assert r.exit_code == 1 and "INCOMPATIBLE" in r.output, r.output

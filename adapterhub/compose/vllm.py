@@ -20,6 +20,10 @@ from commit ``4ba787ec9`` as its ``vllm/_version.py`` records), read, not run (v
   expanded to ``q_proj``/``k_proj``/``v_proj``, ``embed_tokens``/``lm_head`` where the model lists them
   in ``embedding_modules``); that depends on the model and is left to vLLM; an embedding LoRA must
   match the model's vocabulary.
+
+Beyond what vLLM refuses, the report calls out what vLLM would load and serve wrongly: NaN/Inf weights, and
+tensors whose rank disagrees with the config's ``r`` (vLLM copies the tensors and scales them by
+``lora_alpha / r``; PEFT refuses such an adapter).
 """
 
 from __future__ import annotations
@@ -112,6 +116,29 @@ def check_vllm(adapter: Adapter, max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK
             continue
         err("vllm-tensor", t, "not a LoRA weight vLLM can parse (it reads *.lora_A.weight, *.lora_B.weight, "
             "*.lora_embedding_A/B)", "remove the tensor, or merge the adapter with `adapterhub export`")
+    for m in adapter.modules():  # vLLM copies the tensors as they are and scales them by lora_alpha / r of the config
+        names = adapter.module_tensors(m)
+        a_role, b_role = ("lora_A", "lora_B") if "lora_A" in names else ("lora_embedding_A", "lora_embedding_B")
+        if a_role not in names or b_role not in names:
+            err("vllm-incomplete", m, f"has no {b_role if a_role in names else a_role}",
+                "the adapter file is incomplete; re-export it")
+            continue
+        r_a, b_shape = adapter.tensors.shape(names[a_role])[0], adapter.tensors.shape(names[b_role])
+        r_b = b_shape[1] if len(b_shape) > 1 else b_shape[0]
+        if r_a != r_b:
+            err("vllm-rank-mismatch", m, f"{a_role} has rank {r_a} but {b_role} has rank {r_b}",
+                "the adapter file is inconsistent; re-export it")
+        elif r_a != spec.rank(m):
+            err("vllm-rank-mismatch", m, f"tensors have rank {r_a} but the config gives this module r={spec.rank(m)}: "
+                f"PEFT refuses it, vLLM would scale it by lora_alpha/{spec.rank(m)}",
+                "fix r / rank_pattern in adapter_config.json to the tensors' rank")
+    from adapterhub.finite import describe, scan_adapter
+
+    bad = scan_adapter(adapter)
+    if bad:
+        err("vllm-non-finite", "tensors", f"NaN or Inf in {describe(bad)}: vLLM would serve it and answer garbage "
+            "for every request that names it", "the adapter's weights are broken (training diverged or the file is "
+            "damaged); re-export them")
     embedding = [m for m in adapter.modules() if "lora_embedding_A" in adapter.module_tensors(m)]
     if embedding:
         problems.append(Problem("warning", "vllm-embedding", embedding[0],
