@@ -118,6 +118,18 @@ def check_output(target: str | Path, *, replace: bool = False, reads: tuple[str 
     return lexical
 
 
+def registry_enclosing(path: str | Path) -> Path | None:
+    """The registry that ``path`` lies strictly inside (as written or with symlinks resolved), or None.
+
+    A registry made there would be a foreign entry of that one (in its ``blobs/``, ``refs/`` ...)."""
+    lexical = _absolute(path)
+    for p in {lexical, _resolved(lexical)}:
+        found = _registry_at_or_above(p.parent) if p.parent != p else None
+        if found is not None:
+            return found
+    return None
+
+
 def check_new_file(path: str | Path, *, what: str = "file", overwrite: bool = False) -> Path:
     """Check a single output file before any work: the guard of :func:`check_output`, an existing
     parent folder, no directory at ``path``, and no file there unless ``overwrite``.

@@ -1781,3 +1781,16 @@ def test_a_read_only_registry_can_be_read_and_refuses_writes_clearly(index, tmp_
             assert "Invalid cross-device link" in str(e.value) and "pull without --link" in str(e.value)
             assert not (tmp_path / "linked").exists()
         assert tree(root) == before, "reading a read-only registry changed it"
+
+
+@pytest.mark.parametrize("bad", [{"grace": float("nan")}, {"temp_grace": float("nan")}, {"grace": -1.0},
+                                 {"grace": "3600"}, {"temp_grace": True}])
+def test_gc_refuses_a_grace_that_is_no_number_of_seconds(tmp_path, bad):
+    """`gc --grace nan` was taken (every age comparison false: gc silently kept everything)."""
+    reg = Registry(tmp_path / "reg")
+    reg.push(MINILM_LORA, "a")
+    orphan = reg.store.put_bytes(b"nobody refers to me")
+    with pytest.raises(RegistryError, match=r"must be a number of seconds, 0 or more.*\n  fix: pass e.g. --"):
+        reg.gc(**bad)
+    assert orphan in {i.digest for i in reg.store.list_blob_info()}
+    assert reg.gc(grace=float("inf")).blobs == [] and reg.gc().blobs == [orphan]

@@ -482,3 +482,27 @@ def test_every_registry_command_works_on_a_bucket_given_by_url(seaweed, s3_url, 
     assert du["versions"] == 1 and du["location"] == s3_url
     linked = CliRunner().invoke(cli, [*base, "pull", "team/sent", "--link", "-o", str(tmp_path / "l")])
     assert linked.exit_code == 1 and "--link needs a registry on this machine" in linked.output
+
+
+def test_a_remote_or_copy_target_inside_a_registry_is_refused_and_every_remote_error_says_how_to_fix_it(tmp_path):
+    """`remote add x file:///REG/blobs` probed (wrote locks/ and tmp/) inside the registry's blobs, and
+    `push --to REG/blobs/new` / `sync REG REG/refs/x` made a registry inside it; several errors had no fix line."""
+    reg = tmp_path / "reg"
+    assert run("push", LLAMA_LORA, "a", registry=reg).exit_code == 0
+    def files():  # the index's -wal/-shm files come and go with its connections
+        return sorted(p.relative_to(reg) for p in reg.rglob("*") if "locks" not in p.parts
+                      and not p.name.startswith("index.sqlite"))
+
+    before = files()
+    (tmp_path / "link").symlink_to(reg / "blobs")
+    for args in [("remote", "add", "x", f"file://{reg}/blobs"), ("push", "a@1", "--to", str(reg / "blobs" / "new")),
+                 ("sync", str(reg), str(reg / "refs" / "x")), ("push", "a@1", "--to", str(tmp_path / "link" / "x"))]:
+        r = run(*args, registry=reg)
+        assert r.exit_code == 1 and f"inside the adapterhub registry at {reg}" in r.output, (args, r.output)
+    assert files() == before
+    assert not (reg / "blobs" / "locks").exists() and run("verify", registry=reg).exit_code == 0
+    for args in [("remote", "add", "BAD", "file:///x"), ("remote", "add", "x", "ftp://b/p"),
+                 ("remote", "add", "x", "s3://B_/p"), ("remote", "add", "x", "file://relative/p"),
+                 ("remote", "add", "x", "hf://"), ("remote", "add", "x", f"file://{reg}"), ("remote", "remove", "zz")]:
+        r = run(*args, registry=reg)
+        assert r.exit_code == 1 and "\n  fix: " in r.output, (args, r.output)

@@ -288,6 +288,13 @@ class Registry:
             if not create:
                 raise NotFoundError(f"no adapterhub registry at {where}.\n  fix: check the path (--registry or "
                                     "$ADAPTERHUB_REGISTRY); `adapterhub push` creates a registry there.")
+            if isinstance(self.store, LocalStore):
+                from adapterhub.paths import registry_enclosing
+
+                outer = registry_enclosing(self.store.root)
+                if outer is not None:
+                    raise RegistryError(f"{where} lies inside the adapterhub registry at {outer}; a registry made "
+                                        "there would corrupt that one.\n  fix: choose a path outside it.")
             if self.store.foreign_entries():
                 raise RegistryError(f"{where} exists, is not empty and is not an adapterhub registry.\n"
                                     "  fix: choose another --registry path.")
@@ -1176,6 +1183,10 @@ class Registry:
             RegistryError: a manifest cannot be read (the files it names are unknown): ``rm`` it first.
             StorageError: the registry is read-only (``dry_run`` works on one).
         """
+        for what, value in (("grace", grace), ("temp_grace", temp_grace)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0):
+                raise RegistryError(f"gc's {what} must be a number of seconds, 0 or more, not {value!r}.\n"
+                                    f"  fix: pass e.g. --{what.replace('_', '-')} 3600 (inf: never).")
         if not dry_run:
             self._require_writable("collect garbage")
         if grace is None:

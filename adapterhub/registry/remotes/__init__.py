@@ -69,25 +69,28 @@ def parse_location(text: str, endpoint_url: str | None = None) -> Location:
     if scheme == "s3":
         u = urlparse(text)
         if not _BUCKET.fullmatch(u.netloc or ""):
-            raise RemoteError(f"invalid S3 URL {text!r}: expected s3://BUCKET[/PREFIX] with a bucket name of 3-63 "
-                              "lower-case letters, digits, '.' and '-'.", remote=text)
+            raise RemoteError(f"invalid S3 URL {text!r}: the bucket name is not 3-63 lower-case letters, digits, '.' "
+                              "and '-'.\n  fix: write s3://BUCKET[/PREFIX], e.g. s3://my-bucket/adapters.", remote=text)
         prefix = u.path.strip("/")
         return Location("s3", f"s3://{u.netloc}/{prefix}".rstrip("/"), endpoint_url=endpoint_url, bucket=u.netloc,
                         prefix=prefix)
     if scheme == "file":
         u = urlparse(text)
         if u.netloc not in ("", "localhost") or not u.path.startswith("/"):
-            raise RemoteError(f"invalid file URL {text!r}: expected file:///ABSOLUTE/PATH.", remote=text)
+            raise RemoteError(f"invalid file URL {text!r}: it names no absolute path on this machine.\n"
+                              "  fix: write file:///ABSOLUTE/PATH (three slashes), or give the path itself.",
+                              remote=text)
         path = Path(unquote(u.path))
         return Location("file", path.as_uri(), path=path)
     if scheme == "hf":
         body = text[len("hf://"):]
         repo, _, rev = body.partition("@")
         if not _HF_REPO.fullmatch(repo):
-            raise RemoteError(f"invalid Hub URL {text!r}: expected hf://ORG/REPO[@REVISION].", remote=text)
+            raise RemoteError(f"invalid Hub URL {text!r}: it names no ORG/REPO.\n  fix: write "
+                              "hf://ORG/REPO[@REVISION].", remote=text)
         return Location("hf", text, repo=repo, revision=rev or None, endpoint_url=endpoint_url)
-    raise RemoteError(f"unknown remote scheme in {text!r}: use s3://BUCKET[/PREFIX], file:///DIR, hf://ORG/REPO "
-                      "or a local path.", remote=text)
+    raise RemoteError(f"unknown remote scheme in {text!r}.\n  fix: use s3://BUCKET[/PREFIX], file:///DIR, "
+                      "hf://ORG/REPO or a local path.", remote=text)
 
 
 def open_store(loc: Location, **options: Any) -> Store:
@@ -127,8 +130,8 @@ class Remote:
 
 def check_remote_name(name: str) -> str:
     if not isinstance(name, str) or not _REMOTE_NAME.fullmatch(name) or ".." in name:
-        raise RemoteError(f"invalid remote name {name!r}: use lower-case letters, digits, '.', '_' and '-', starting "
-                          "with a letter or digit.", remote=str(name))
+        raise RemoteError(f"invalid remote name {name!r}.\n  fix: use lower-case letters, digits, '.', '_' and '-', "
+                          "starting with a letter or digit (e.g. origin, team-s3).", remote=str(name))
     return name
 
 
@@ -174,7 +177,14 @@ def add_remote(registry: Registry, name: str, url: str, *, endpoint_url: str | N
     registry._require_writable("add a remote")
     loc = parse_location(url, endpoint_url)
     if loc.kind == "file" and registry.root is not None and loc.path == registry.root:
-        raise RemoteError(f"{url} is this registry itself.", remote=name)
+        raise RemoteError(f"{url} is this registry itself.\n  fix: name another registry's path or URL.", remote=name)
+    if loc.kind == "file":
+        from adapterhub.paths import registry_enclosing
+
+        outer = registry_enclosing(loc.path)
+        if outer is not None:  # the probe would write into that registry's folders, a push make a registry there
+            raise RemoteError(f"{url} lies inside the adapterhub registry at {outer}.\n  fix: choose a path "
+                              "outside any registry.", remote=name)
     with registry._lock("remotes.lock"):
         remotes = load_remotes(registry)
         if name in remotes and not replace:
@@ -195,8 +205,8 @@ def remove_remote(registry: Registry, name: str) -> Remote:
     with registry._lock("remotes.lock"):
         remotes = load_remotes(registry)
         if name not in remotes:
-            raise RemoteError(f"no remote named '{name}' (remotes: {', '.join(sorted(remotes)) or 'none'}).",
-                              remote=name)
+            raise RemoteError(f"no remote named '{name}' (remotes: {', '.join(sorted(remotes)) or 'none'}).\n"
+                              "  fix: `adapterhub remote list` shows the names.", remote=name)
         gone = remotes.pop(name)
         _save_remotes(registry, remotes)
     return gone
