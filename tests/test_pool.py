@@ -465,3 +465,26 @@ def test_adapterhub_pool_on_a_mistyped_registry_path_refuses_and_creates_nothing
         with pytest.raises(PoolError, match=f"row 0 \\(t/a\\) cannot be served: no adapterhub registry at {typo}"):
             p.forward(["t/a"], input_ids=ids_for(1))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs", [{"targets": 123}, {"targets": None}, {"targets": ["q_proj", 5]},
+                                    {"targets": b"q_proj"}, {"resolve": 5}])
+def test_targets_and_resolvers_of_the_wrong_type_are_pool_errors(model, kwargs):
+    """Were TypeErrors from deep inside (or, for resolve, at the first batch)."""
+    with pytest.raises(PoolError, match=r"must be .*\n  fix: "):
+        Pool(model, slots=1, max_rank=2, **kwargs)
+    assert "_adapterhub_pool" not in model.__dict__
+
+
+@pytest.mark.parametrize(("inputs", "says"), [
+    ({"input_ids": torch.tensor([1, 2])}, r"input_ids has shape \[2\], not \[batch, length\]"),
+    ({"input_ids": torch.ones(1, 1, 2, dtype=torch.long)}, r"input_ids has shape \[1, 1, 2\]"),
+    ({"inputs_embeds": torch.zeros(2, 64)}, r"inputs_embeds has shape \[2, 64\], not \[batch, length, hidden\]"),
+    ({"input_ids": torch.zeros(0, 4, dtype=torch.long)}, "input_ids holds no rows"),
+])
+def test_inputs_that_are_not_a_batch_of_rows_are_refused_before_any_work(pool, inputs, says):
+    """A 1-D input_ids was read as a batch of 2 (then the model's shape error); 3-D ran; 0 rows hit a reshape error."""
+    rows = [None] * (2 if says.startswith(("input_ids has shape \\[2", "inputs_embeds")) else 1)
+    with pytest.raises(PoolError, match=says):
+        pool.forward(rows, **inputs)
+    assert pool.counters["batches"] == 0 and len(pool) == 0

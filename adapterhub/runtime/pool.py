@@ -121,6 +121,10 @@ class Pool:
         for name, value in (("slots", slots), ("max_rank", max_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PoolError(f"{name} must be a positive integer, not {value!r}.\n  fix: e.g. {name}=16.")
+        if resolve is not None and not callable(resolve):
+            raise PoolError(f"resolve must be a function turning a row into an Adapter, not {type(resolve).__name__}."
+                            "\n  fix: pass resolve=adapterhub.open (directories), or use adapterhub.Pool(model, "
+                            "registry=...) for registry references.")
         from adapterhub.runtime.attached import attached_to
 
         if attached_to(model) is not None or model.__dict__.get(_ATTR) is not None:
@@ -572,7 +576,10 @@ def _targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     names = [(n, m) for n, m in model.named_modules() if n and is_linear_like(m)]
     if isinstance(targets, str) and targets == "all-linear":
         return [n for n, m in names if m is not out_layer]
-    wanted = [targets] if isinstance(targets, str) else list(targets)
+    wanted = [targets] if isinstance(targets, str) else list(targets) if isinstance(targets, Sequence) else None
+    if wanted is None or isinstance(targets, bytes) or not all(isinstance(t, str) for t in wanted):
+        raise PoolError(f"targets must be 'all-linear' or a list of module names, not {targets!r}.\n"
+                        "  fix: e.g. targets=['q_proj', 'v_proj'].")
     return [n for n, _ in names if any(n == t or n.endswith("." + t) for t in wanted)]
 
 
@@ -586,9 +593,15 @@ def _slot_bytes(model: nn.Module, paths: list[str], slots: int, max_rank: int) -
 
 
 def _batch_size(inputs: dict[str, Any], what: str) -> int:
-    for name in ("input_ids", "inputs_embeds"):
+    for name, dims in (("input_ids", 2), ("inputs_embeds", 3)):
         t = inputs.get(name)
-        if isinstance(t, torch.Tensor) and t.dim() >= 1:
+        if isinstance(t, torch.Tensor):
+            if t.dim() != dims:
+                shape = "[batch, length]" if dims == 2 else "[batch, length, hidden]"
+                raise PoolError(f"pool.{what}(): {name} has shape {list(t.shape)}, not {shape}.\n  fix: pass one row "
+                                f"per adapter, e.g. {name}=t.unsqueeze(0) for a single sequence.")
+            if t.shape[0] == 0:
+                raise PoolError(f"pool.{what}(): {name} holds no rows.\n  fix: pass a batch of at least one row.")
             return int(t.shape[0])
     for t in inputs.values():
         if isinstance(t, torch.Tensor) and t.dim() >= 1:
