@@ -434,3 +434,20 @@ def test_cli_run_refuses_ids_and_lengths_the_model_cannot_take(args, message):
     out = CliRunner().invoke(cli, ["run", "--base", str(LLAMA_BASE), str(ADAPTERS_LIB / "llama_lora"), *args])
     assert out.exit_code == 1, out.output  # as the other CompositionErrors of run (neither prompt nor ids)
     assert message in out.output and "\n  fix: pass " in out.output and "internal error" not in out.output
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_a_composition_that_overflows_once_weights_are_folded_in_is_refused(model, ads, merge):
+    """Sum(a=1e308, b=1e308) of finite adapters attached and generated from NaN logits (`run` printed [0, 0, 0])."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = input_ids()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    tree = Sum(ads["lora_a"], ads["lora_b"], weights=[1e308, 1e308])
+    with pytest.raises(CompositionError, match=r"the composition overflows at model\.layers\.\d\.\S+: .* NaN or Inf "
+                                               r"in float32\.\n  fix: use smaller composition weights"):
+        attach(model, tree, merge=merge)
+    assert attached_to(model) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want)

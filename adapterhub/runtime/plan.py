@@ -278,7 +278,20 @@ def _linear_sites(model: nn.Module, tree: Block, leaves: list[Adapter], reports:
             plan.merged_bytes += sum(t.numel() * t.element_size() for t in payload["merged"] if t is not None)
         elif path in lora:
             payload["lora"] = concat_plan(lora[path], dtype=weight.dtype, device=weight.device)
+        _require_finite(path, payload, weight.dtype)
         plan.sites[("linear", path)] = (lambda m=module, p=path: LinearSite(m, p), payload)
+
+
+def _require_finite(path: str, payload: dict[str, Any], dtype: torch.dtype) -> None:
+    """Finite adapters can overflow once composition weights and scales are folded in (and rounded to the
+    model's dtype): refuse the composition rather than run a model that answers NaN."""
+    lora = payload.get("lora")
+    tensors = [lora.a, lora.bt, lora.bias] if lora is not None else []
+    tensors += [payload.get("ia3_in"), payload.get("ia3_out"), *(payload.get("merged") or ())]
+    if any(t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors):
+        raise CompositionError(f"the composition overflows at {path}: its weights and scales folded into the "
+                               f"adapter's factors give NaN or Inf in {str(dtype).removeprefix('torch.')}.\n"
+                               "  fix: use smaller composition weights (or check the adapters' alpha).")
 
 
 def _bottleneck_sites(model: nn.Module, tree: Block, leaves: list[Adapter], arch: archmod.Arch, loaded: _Loaded,
