@@ -49,6 +49,9 @@ def parse_weighted(spec: str) -> tuple[str, float]:
         if src and not text.strip():
             raise BlendError(f"{spec!r}: the weight after '=' is missing.\n  fix: write SRC=WEIGHT, e.g. "
                              f"{src}=0.5.") from None
+        if src and os.path.lexists(src):  # `dir=abc`: a weight that is no number, not a name holding '='
+            raise BlendError(f"{spec!r}: the weight {text!r} after '=' is not a number.\n  fix: write SRC=WEIGHT "
+                             f"with a number, e.g. {src}=0.5.") from None
         return spec, 1.0  # an '=' that is part of a name
     if not src:
         raise BlendError(f"{spec!r} names no source before '='.\n  fix: write SRC=WEIGHT, e.g. team/a=0.5.")

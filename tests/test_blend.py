@@ -693,3 +693,17 @@ def test_cli_blend_reports_incompatible_inputs(registry_cli, dirs, tmp_path):
     r = registry_cli("blend", dirs["c4"], dirs["d4"], "--method", "nope", "-o", tmp_path / "out")
     assert r.exit_code == 2 and "'nope' is not one of 'linear', 'cat', 'svd'" in r.output  # a usage error
     assert not (tmp_path / "out").exists()
+
+
+def test_a_weight_that_is_no_number_after_an_existing_source_says_so(tmp_path):
+    """`run --sum DIR=abc` said "invalid name 'DIR=abc': at most one '/'" (the spec was taken as a reference)."""
+    from adapterhub.errors import BlendError
+    from adapterhub.sources import parse_weighted
+
+    src = str(ADAPTERS_LIB / "llama_lora")
+    with pytest.raises(BlendError, match=r"the weight 'abc' after '=' is not a number\.\n  fix: write SRC=WEIGHT"):
+        parse_weighted(f"{src}=abc")
+    assert parse_weighted(f"{src}=0.25") == (src, 0.25)
+    assert parse_weighted("team/a=b") == ("team/a=b", 1.0)  # no such path: an '=' that is part of a name
+    (tmp_path / "x=abc").mkdir()
+    assert parse_weighted(str(tmp_path / "x=abc")) == (str(tmp_path / "x=abc"), 1.0)
