@@ -506,3 +506,19 @@ def test_a_remote_or_copy_target_inside_a_registry_is_refused_and_every_remote_e
                  ("remote", "add", "x", "hf://"), ("remote", "add", "x", f"file://{reg}"), ("remote", "remove", "zz")]:
         r = run(*args, registry=reg)
         assert r.exit_code == 1 and "\n  fix: " in r.output, (args, r.output)
+
+
+def test_sync_with_a_pattern_that_matches_nothing_says_so_and_creates_nothing(tmp_path):
+    """`sync SRC DST '['` printed "sent 0 blob(s)" and exited 0 (and created DST)."""
+    reg = tmp_path / "reg"
+    assert run("push", LLAMA_LORA, "t/a", registry=reg).exit_code == 0
+    for pattern in ("[", "zz/*", "T/A"):
+        r = run("sync", reg, tmp_path / "dst", pattern, registry=reg)
+        assert r.exit_code == 1 and f"no name in {reg} matches {pattern!r}; nothing was copied" in r.output, r.output
+        assert "\n  fix: check the pattern" in r.output
+    assert not (tmp_path / "dst").exists()
+    r = run("sync", reg, tmp_path / "dst", "t/*", registry=reg)
+    assert r.exit_code == 0 and "copied t/a@1" in r.output, r.output
+    empty = Registry(tmp_path / "empty").location
+    r = run("sync", empty, tmp_path / "dst", registry=reg)
+    assert r.exit_code == 0, ("no pattern: an empty source is fine", r.output)

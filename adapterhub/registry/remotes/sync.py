@@ -374,6 +374,10 @@ def sync(local: Registry | None, src: str, dst: str, pattern: str | None = None,
     from adapterhub.registry.remotes import open_registry
 
     a = open_registry(src, local, endpoint_url, create=False, **store_options)
-    b = open_registry(dst, local, endpoint_url, **store_options)
     versions = select_versions(a, pattern)
+    if pattern and not versions:  # a mistyped pattern must not look like a sync that found nothing new
+        raise NotFoundError(f"no name in {a.location} matches {pattern!r}; nothing was copied.\n  fix: check the "
+                            f"pattern (a glob such as 'team/*'); `adapterhub --registry {a.location} list` shows the "
+                            "names.")
+    b = open_registry(dst, local, endpoint_url, **store_options)
     return copy_versions(a, b, versions, renumber=renumber, progress=progress), a, b
