@@ -451,3 +451,19 @@ def test_a_composition_that_overflows_once_weights_are_folded_in_is_refused(mode
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, want)
+
+
+@pytest.mark.parametrize("change", [{"hidden_size": "64"}, {"intermediate_size": 100}])
+def test_cli_run_on_a_base_whose_config_disagrees_with_its_weights_is_one_clear_error(tmp_path, change):
+    """Were internal errors (transformers' config validation error, its size-mismatch RuntimeError)."""
+    import json
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(LLAMA_BASE, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, **change}))
+    out = CliRunner().invoke(cli, ["run", "--base", str(base), str(ADAPTERS_LIB / "llama_lora"), "--ids", "1"])
+    assert out.exit_code == 2 and f"error: transformers cannot load {base} (" in out.output, out.output
+    assert "\n  fix: pass a transformers model directory whose config.json matches its weights" in out.output
+    assert "internal error" not in out.output

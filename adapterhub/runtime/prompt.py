@@ -55,9 +55,11 @@ def run_prompt(base_dir: str | Path, composition: Any, *, prompt: str | None = N
 
         causal = any(a.endswith("ForCausalLM") for a in base.config.get("architectures") or [])
         model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(str(base_dir)).eval()
-    except (OSError, ValueError, ImportError) as e:
-        raise BaseCheckpointError(f"transformers cannot load {base_dir}: {e}\n"
-                                  "  fix: pass a transformers model directory.", path=base_dir) from e
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds (config validation, size mismatches)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BaseCheckpointError(f"transformers cannot load {base_dir} ({type(e).__name__}: {first})\n"
+                                  "  fix: pass a transformers model directory whose config.json matches its weights.",
+                                  path=base_dir) from e
     tokenizer = None
     if prompt is not None:
         try:
