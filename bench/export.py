@@ -175,7 +175,7 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, float,
     wall = time.perf_counter() - t0
     out, err = proc.communicate()
     if proc.returncode != 0:
-        raise SystemExit(f"{cmd[:3]} failed: {err[-2000:]}")
+        raise SystemExit(f"{cmd[:3]} failed ({proc.returncode}): {err[-3000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     return wall, cpu, peak_kib / 1024 / 1024, out

@@ -30,13 +30,14 @@ import argparse
 import json
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from export import drop_cache, shapes, timed  # bench/export.py: the same Llama layout and timing
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -47,22 +48,6 @@ FULL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_
 SMALL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=8, vocab_size=8000)
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    out = {"model.embed_tokens.weight": (v, h)}
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        out.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                    p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                    p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                    p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
-                    p + "post_attention_layernorm.weight": (h,)})
-    out["model.norm.weight"] = (h,)
-    out["lm_head.weight"] = (v, h)
-    return out
 
 
 def is_linear(name: str) -> bool:
@@ -135,51 +120,6 @@ def ensure_mergekit() -> Path:
     subprocess.run([*pip, "torch==2.13.0"], check=True, env=env)
     subprocess.run([*pip, "mergekit==0.1.5"], check=True, env=env)
     return exe
-
-
-def drop_cache(*paths: Path) -> str:
-    """Empty the page cache; returns how."""
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return "drop_caches"
-    except OSError:
-        pass
-    for p in paths:
-        for f in p.rglob("*"):
-            if f.is_file():
-                fd = os.open(f, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
-    return "fadvise"
-
-
-def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds (user + system) and peak RSS (GiB: the child's VmHWM, polled)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    peak_kib = 0
-    status_file = Path(f"/proc/{proc.pid}/status")
-    while proc.poll() is None:
-        try:
-            for line in status_file.read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak_kib = max(peak_kib, int(line.split()[1]))
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            pass
-        time.sleep(0.02)
-    wall = time.perf_counter() - t0
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd[:3]} failed ({proc.returncode}): {err[-3000:]}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    print(out.strip()[-1500:], file=sys.stderr)
-    return wall, cpu, peak_kib / 1024 / 1024
 
 
 def factors(out: Path) -> dict[str, tuple]:
@@ -269,7 +209,8 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             how = drop_cache(work / "base", work / "tuned")
             load.append(os.getloadavg())
-            wall, cpu, rss = timed(cmd, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+            wall, cpu, rss, out = timed(cmd, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+            print(out.strip()[-1500:], file=sys.stderr)
             results.setdefault(label, []).append((wall, cpu, rss, how))
             print(f"  {label}: {wall:.1f} s wall, {cpu:.1f} s CPU, {rss:.2f} GiB", file=sys.stderr, flush=True)
         load.append(os.getloadavg())
