@@ -163,28 +163,22 @@ class HubServer:
                 path = unquote(urlparse(self.path).path)
                 server.requests.append(f"{self.command} {path}")
                 parts = path.strip("/").split("/")
-                if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "tree":
-                    repo_id, rev = "/".join(parts[2:4]), parts[5]
+                if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("tree", "revision"):
+                    repo_id = "/".join(parts[2:4])
+                    rev = parts[5] if parts[4] == "tree" else "/".join(parts[5:])
                     repo = server.api.repos.get(repo_id)
                     oid = repo.resolve(rev) if repo else None
                     if oid is None:
                         return self._send(404, b'{"error": "Revision Not Found"}',
                                           {"X-Error-Code": "RevisionNotFound" if repo else "RepoNotFound"}, head)
                     files = repo.commits[oid][1]
+                    if parts[4] == "revision":
+                        body = json.dumps({"id": repo_id, "modelId": repo_id, "sha": oid, "private": False,
+                                           "siblings": [{"rfilename": p} for p in sorted(files)]}).encode()
+                        return self._send(200, body, {"Content-Type": "application/json"}, head)
                     body = json.dumps([{"type": "file", "path": p, "size": len(b),
                                         "oid": hashlib.sha1(b"blob %d\0" % len(b) + b).hexdigest()}
                                        for p, b in sorted(files.items())]).encode()
-                    return self._send(200, body, {"Content-Type": "application/json"}, head)
-                if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "revision":
-                    repo_id, rev = "/".join(parts[2:4]), "/".join(parts[5:])
-                    repo = server.api.repos.get(repo_id)
-                    oid = repo.resolve(rev) if repo else None
-                    if oid is None:
-                        return self._send(404, b'{"error": "Revision Not Found"}',
-                                          {"X-Error-Code": "RevisionNotFound" if repo else "RepoNotFound"}, head)
-                    files = repo.commits[oid][1]
-                    body = json.dumps({"id": repo_id, "modelId": repo_id, "sha": oid, "private": False,
-                                       "siblings": [{"rfilename": p} for p in sorted(files)]}).encode()
                     return self._send(200, body, {"Content-Type": "application/json"}, head)
                 if len(parts) >= 5 and parts[2] == "resolve":
                     repo_id, rev, rel = "/".join(parts[:2]), parts[3], "/".join(parts[4:])

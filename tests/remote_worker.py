@@ -24,17 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def say(*parts: object) -> None:
-    print(*parts, flush=True)
-
-
-def wait_for(path: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.001)
+from registry_worker import say, wait_for  # tests/registry_worker.py, the local registry's worker
 
 
 def main() -> None:
