@@ -194,17 +194,10 @@ def test_a_corrupt_stored_blob_is_an_integrity_error(backend, seaweed):
     kind, _, _, make = backend
     store = make()
     digest = store.put_bytes(b"payload" * 1000)
-    flipped = bytearray(b"payload" * 1000)
-    flipped[10] ^= 0xFF
-    if kind == "s3":
-        seaweed.client().put_object(Bucket=store.bucket, Key=store._k(blob_key(digest)), Body=bytes(flipped))
-    else:
-        path = store.blob_path(digest)
-        os.chmod(path, 0o644)
-        path.write_bytes(bytes(flipped))
+    flipped = _flip_stored(kind, store, seaweed, digest, b"payload" * 1000, at=10, mask=0xFF)
     with pytest.raises(IntegrityError) as e:
         store.get_bytes(digest)
-    assert e.value.expected == digest and e.value.actual == digest_of(bytes(flipped))
+    assert e.value.expected == digest and e.value.actual == digest_of(flipped)
     assert "fix:" in str(e.value)
 
 
@@ -222,15 +215,17 @@ def test_s3_errors_are_storage_errors_that_say_what_to_do(seaweed, monkeypatch):
     assert "fix: check that the server at http://127.0.0.1:9 runs" in str(e.value)
 
 
-def _flip_stored(kind: str, store, seaweed, digest: str, data: bytes) -> None:
+def _flip_stored(kind: str, store, seaweed, digest: str, data: bytes, *, at: int, mask: int = 0x01) -> bytes:
+    """Overwrite the stored blob ``digest`` with ``data`` whose byte ``at`` is XORed with ``mask``; returns that."""
     flipped = bytearray(data)
-    flipped[len(data) - 3 * MiB] ^= 0x01  # in the second chunk of 8 MiB
+    flipped[at] ^= mask
     if kind == "s3":
         seaweed.client().put_object(Bucket=store.bucket, Key=store._k(blob_key(digest)), Body=bytes(flipped))
     else:
         path = store.blob_path(digest)
         os.chmod(path, 0o644)
         path.write_bytes(bytes(flipped))
+    return bytes(flipped)
 
 
 def test_a_blob_of_several_chunks_is_received_hashed_and_a_flipped_byte_is_refused(backend, seaweed, tmp_path):
@@ -255,7 +250,7 @@ def test_a_blob_of_several_chunks_is_received_hashed_and_a_flipped_byte_is_refus
         assert src.traffic.received == len(data)
     dst.delete_blob(digest)
 
-    _flip_stored(kind, src, seaweed, digest, data)
+    _flip_stored(kind, src, seaweed, digest, data, at=len(data) - 3 * MiB)  # in the second chunk of 8 MiB
     stream = src.open_blob(digest)
     with pytest.raises(IntegrityError) as e:
         dst.put_blob(digest, len(data), stream)
